@@ -104,7 +104,7 @@ class FloatFormat:
                 "an IEEE-style format with 0 mantissa bits has no NaN encoding (the top exponent field "
                 "would hold only inf); use nonfinite='nan' or 'none', or at least 1 mantissa bit"
             )
-        if self.nonfinite != "ieee" and self.exponent_bits == 8:
+        if self.emax > 127:
             raise ValueError(
                 "a finite-only format with 8 exponent bits reaches 2^128, beyond FP32's range; "
                 "use nonfinite='ieee' or fewer exponent bits"
@@ -193,6 +193,79 @@ class FloatFormat:
         """The torch dtype with exactly this format's values, if torch has one."""
         return _TORCH_DTYPES.get(self)
 
+    # ----------------------------------------------------------------------------------------------
+    # Encodings
+    @property
+    def num_patterns(self) -> int:
+        """Number of bit patterns, ``2^bits``."""
+        return 1 << self.bits
+
+    def decode(self, bits: int) -> float:
+        """The value of a bit pattern (an int in ``[0, 2^bits)``); NaN patterns give ``nan``.
+
+        >>> from lossscale import E4M3
+        >>> E4M3.decode(0b0_1111_110), E4M3.decode(0b0_1111_111)
+        (448.0, nan)
+        """
+        if isinstance(bits, bool) or not isinstance(bits, int):
+            raise TypeError(f"bits must be an int, got {type(bits).__name__}")
+        if not 0 <= bits < self.num_patterns:
+            raise ValueError(f"bits must be in [0, {self.num_patterns}), got {bits}")
+        e_bits, m_bits = self.exponent_bits, self.mantissa_bits
+        sign = -1.0 if bits >> (e_bits + m_bits) else 1.0
+        field = (bits >> m_bits) & ((1 << e_bits) - 1)
+        mant = bits & ((1 << m_bits) - 1)
+        top = (1 << e_bits) - 1
+        if field == top and self.nonfinite == "ieee":
+            return sign * math.inf if mant == 0 else math.nan
+        if field == top and self.nonfinite == "nan" and mant == (1 << m_bits) - 1:
+            return math.nan
+        if field == 0:
+            if not self.subnormals:
+                return sign * 0.0
+            return sign * math.ldexp(mant, self.emin - m_bits)
+        return sign * math.ldexp((1 << m_bits) | mant, field - self.bias - m_bits)
+
+    def encode(self, value: float) -> int | None:
+        """The bit pattern of a value the format holds exactly (as :func:`~lossscale.quantize` returns);
+        ``None`` for a value it cannot encode (NaN or inf in a finite-only format).
+
+        NaN encodes as the canonical quiet NaN (IEEE-style) or the single NaN pattern (E4M3FN).
+        Raises ``ValueError`` for a finite value that is not exactly representable.
+
+        >>> from lossscale import BF16
+        >>> hex(BF16.encode(1.0)), hex(BF16.encode(-2.0**-133))
+        ('0x3f80', '0x8001')
+        """
+        value = float(value)
+        e_bits, m_bits = self.exponent_bits, self.mantissa_bits
+        top = (1 << e_bits) - 1
+        sign = (1 << (e_bits + m_bits)) if math.copysign(1.0, value) < 0 else 0
+        if math.isnan(value):
+            if self.nonfinite == "none":
+                return None
+            if self.nonfinite == "nan":
+                return (top << m_bits) | ((1 << m_bits) - 1)
+            return (top << m_bits) | (1 << (m_bits - 1))
+        if math.isinf(value):
+            return sign | (top << m_bits) if self.has_inf else None
+        mag = abs(value)
+        if mag == 0.0:
+            return sign
+        if mag > self.max or (mag < self.min_normal and not self.subnormals):
+            raise ValueError(f"value {value!r} is not representable in {self.name}")
+        _, exp = math.frexp(mag)  # mag = f * 2^exp, 0.5 <= f < 1
+        e = exp - 1
+        if e < self.emin:  # subnormal
+            mant_f = math.ldexp(mag, m_bits - self.emin)
+            field = 0
+        else:
+            mant_f = math.ldexp(mag, m_bits - e) - (1 << m_bits)
+            field = e + self.bias
+        if mant_f != int(mant_f):
+            raise ValueError(f"value {value!r} is not representable in {self.name}")
+        return sign | (field << m_bits) | int(mant_f)
+
     def __str__(self) -> str:
         return self.name
 
@@ -230,8 +303,10 @@ class FloatFormat:
         ftz = key.endswith("-ftz")
         if ftz:
             key = key[: -len("-ftz")]
-        fmt = _ALIASES.get(key)
-        if fmt is None:
+        found = _ALIASES.get(key)
+        if found is not None:
+            fmt = found
+        else:
             match = re.fullmatch(r"(?:float\d*)?e(\d+)m(\d+)(ieee|fn|f)?", key)
             if match is None:
                 raise ValueError(
@@ -242,8 +317,8 @@ class FloatFormat:
             if suffix is None and f"e{e}m{m}" in PRESETS:
                 fmt = PRESETS[f"e{e}m{m}"]
             else:
-                nonfinite = {None: "ieee", "ieee": "ieee", "fn": "nan", "f": "none"}[suffix]
-                fmt = cls(e, m, nonfinite=nonfinite)  # type: ignore[arg-type]
+                nonfinite: NonFinite = {None: "ieee", "ieee": "ieee", "fn": "nan", "f": "none"}[suffix]  # type: ignore[assignment]
+                fmt = cls(e, m, nonfinite=nonfinite)
         return dataclasses.replace(fmt, subnormals=False) if ftz else fmt
 
 

@@ -16,16 +16,19 @@ float64). With ``s = C - M`` (C = container mantissa bits, M = format mantissa b
 
 A carry out of the mantissa increments the exponent field, which is exactly the next binade's first value,
 so one integer add rounds every value whose result is normal in the format. Results in the format's
-subnormal range have a fixed spacing ``q = min_subnormal``; there the kernel rounds ``|x|`` to a multiple of
-``q`` instead (nearest: ``(|x| + q*2^C) - q*2^C``, a single correctly rounded container addition, since the
-container's ulp at ``q*2^C`` is ``q``; stochastic: fixed point with 2^F fractional bits). Values that round
+subnormal range have a fixed spacing ``q = min_subnormal``, which the container's bits do not align with
+(except for 8-exponent-bit formats in float32). So round to nearest uses another exact form everywhere:
+``(|x| + K) - K`` with ``K = 2^(E + C - M)``, ``E = max(exponent(|x|), emin)``: one correctly rounded
+container addition whose spacing at K is the format's spacing at |x| (see ``_nearest_by_addition``), and the
+integer add only for 8-exponent-bit formats. Stochastic rounding of subnormal results uses fixed point with
+B = 31 (float32) or 62 (float64) random bits, so its rounding probability is exact to 2^-B of q. Values that round
 past ``max`` overflow to inf (IEEE-style formats), NaN (formats whose only special is NaN, as ml_dtypes and
 the OCP FP8 non-saturating conversion do) or saturate to ``max`` (formats with neither, as ml_dtypes does).
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import math
 from typing import Literal
 
@@ -33,7 +36,7 @@ import torch
 
 from .formats import FP32, FloatFormat, FormatLike
 
-__all__ = ["quantize", "Rounding", "Impl"]
+__all__ = ["quantize", "explain", "RoundingInfo", "Rounding", "Impl"]
 
 Rounding = Literal["nearest", "stochastic"]
 Impl = Literal["auto", "native", "bits"]
@@ -118,6 +121,8 @@ def quantize(
 
     if x.numel() == 0:
         return x.clone()
+    if rounding == "nearest" and impl != "bits" and _native_ok(x.dtype, fmt):
+        return _native_nearest(x, fmt, saturate)
     if saturate:
         # Clamping to +-max first is the saturating conversion: max rounds to itself, and every value that
         # would round past max (inf included) becomes max. NaN passes through clamp unchanged.
@@ -125,8 +130,6 @@ def quantize(
     if fmt == FP32:
         # Identity for float32; float64 -> float32 is a single correctly rounded native cast.
         return x.clone() if x.dtype == torch.float32 else x.float().double()
-    if rounding == "nearest" and impl != "bits" and _native_ok(x.dtype, fmt):
-        return _native_nearest(x, fmt)
     return _bits(x, fmt, rounding, generator)
 
 
@@ -138,10 +141,16 @@ def _native_ok(dtype: torch.dtype, fmt: FloatFormat) -> bool:
     return dtype == torch.float32 and fmt.torch_dtype is not None
 
 
-def _native_nearest(x: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
+def _native_nearest(x: torch.Tensor, fmt: FloatFormat, saturate: bool) -> torch.Tensor:
     target = fmt.torch_dtype
     assert target is not None  # guarded by _native_ok
+    if fmt.nonfinite == "nan" and saturate:
+        return x.to(target).to(x.dtype)  # torch's float8_e4m3fn cast saturates by itself
+    if saturate:
+        x = x.clamp(-fmt.max, fmt.max)
     out = x.to(target).to(x.dtype)
+    if fmt == FP32:
+        return out.clone()
     if fmt.nonfinite == "nan":
         # torch's float32 -> float8_e4m3fn cast saturates (even inf -> 448); the non-saturating
         # conversion (OCP FP8 spec, ml_dtypes) gives NaN for whatever rounds past max. Past max means
@@ -173,84 +182,181 @@ class _Container:
             self.int_dtype, self.mantissa_bits, self.exponent_bits = torch.int64, 52, 11
         self.bias = (1 << (self.exponent_bits - 1)) - 1
         self.emin = 1 - self.bias
-        self.inf_bits = ((1 << self.exponent_bits) - 1) << self.mantissa_bits
+        self.emax = self.bias  # largest finite exponent: field 2^E - 2
+        self.exponent_mask = ((1 << self.exponent_bits) - 1) << self.mantissa_bits
+        self.inf_bits = self.exponent_mask
 
 
 _F32 = _Container(torch.float32)
 _F64 = _Container(torch.float64)
 
 
-@functools.lru_cache(maxsize=None)
-def _needs_subnormal_path(fmt: FloatFormat, container_emin: int) -> bool:
-    # Below the format's min normal its spacing is fixed (q); the integer add on the container's bits
-    # is right there only if the container's own spacing is also fixed there, i.e. when the two formats
-    # share emin (BF16 in float32: both subnormal ranges align bit for bit).
-    return fmt.emin > container_emin
+def _addition_kernel_ok(fmt: FloatFormat, c: _Container) -> bool:
+    # The rounding constant 2^(E + C - M) must stay finite for every in-range exponent E.
+    return fmt.emax + c.mantissa_bits - fmt.mantissa_bits <= c.emax
 
 
 def _bits(
     x: torch.Tensor, fmt: FloatFormat, rounding: str, generator: torch.Generator | None
 ) -> torch.Tensor:
     c = _F32 if x.dtype == torch.float32 else _F64
-    shift = c.mantissa_bits - fmt.mantissa_bits
-    low_mask = (1 << shift) - 1
-
     xa = x.abs()
-    # NaN patterns sit above the inf pattern; clamping their bits to inf keeps the integer add from
-    # carrying into the sign bit. NaNs are put back at the end.
-    a = xa.view(c.int_dtype).clamp(max=c.inf_bits)
-    if shift > 0:
-        if rounding == "nearest":
-            r = (a >> shift).bitwise_and_(1).add_(low_mask >> 1)
-        else:
-            r = _random_bits(a.shape, shift, c.int_dtype, x.device, generator)
-        r = r.add_(a).bitwise_and_(~low_mask)
+    nan_propagates = False
+    if rounding == "nearest" and _addition_kernel_ok(fmt, c):
+        out, nan_propagates = _nearest_by_addition(xa, fmt, c), True
+    elif rounding == "nearest":
+        out = _nearest_by_integer_add(xa, fmt, c)
     else:
-        r = a
-    out = r.view(c.dtype)
-
-    if _needs_subnormal_path(fmt, c.emin):
-        q = math.ldexp(1.0, fmt.emin - fmt.mantissa_bits)  # spacing of the format's subnormals
-        if rounding == "nearest":
-            # One container addition rounds |x| to a multiple of q, half to even: the container's ulp at
-            # q * 2^C is exactly q, and |x| < min_normal <= q * 2^C.
-            magic = math.ldexp(q, c.mantissa_bits)
-            sub = (xa + magic).sub_(magic)
-        else:
-            sub = _stochastic_fixed_point(xa, fmt, q, generator)
-        out = torch.where(xa < fmt.min_normal, sub, out)
+        out, nan_propagates = _stochastic(xa, fmt, c, generator)
 
     if not fmt.subnormals:
+        # Rounded as if subnormals existed, then flushed (sign kept by the copysign below).
         out = out.masked_fill_(out < fmt.min_normal, 0.0)
 
-    # Overflow and NaN in one select: `out <= max` is False for both.
+    # Overflow is decided on the input, not on the rounded bits: |x| past the midpoint between max and the
+    # next value up (reached exactly when the tie goes away from max: max's last bit is 1 unless the
+    # format's only special is NaN, as in E4M3FN's 1.110 x 2^8).
+    mid = _overflow_midpoint(fmt)
+    if nan_propagates:  # NaN inputs are NaN already, and NaN > mid is False
+        over = xa > mid if fmt.nonfinite == "nan" else xa >= mid
+        fill = {"ieee": math.inf, "nan": math.nan, "none": fmt.max}[fmt.nonfinite]
+        return out.masked_fill_(over, fill).copysign_(x)
+    # NaN inputs fail `in_range` and take the special value, which keeps them NaN.
+    in_range = xa <= mid if fmt.nonfinite == "nan" else xa < mid
     if fmt.nonfinite == "ieee":
-        special = xa * math.inf  # inf for overflow, NaN for NaN
+        out = torch.where(in_range, out, xa * math.inf)  # inf for overflow, NaN for NaN
     elif fmt.nonfinite == "nan":
-        special = torch.full_like(xa, math.nan)
+        out = torch.where(in_range, out, math.nan)
     else:
-        special = xa.clamp(max=fmt.max)  # saturate; NaN passes through
-    out = torch.where(out <= fmt.max, out, special)
+        out = torch.where(in_range, out, xa.clamp(max=fmt.max))  # saturate; NaN passes through clamp
     return out.copysign_(x)
 
 
-def _random_bits(
-    shape: torch.Size, bits: int, int_dtype: torch.dtype, device: torch.device, gen: torch.Generator | None
-) -> torch.Tensor:
-    # Uniform integers in [0, 2^bits).
-    return torch.randint(0, 1 << bits, shape, dtype=int_dtype, device=device, generator=gen)
+def _nearest_by_addition(xa: torch.Tensor, fmt: FloatFormat, c: _Container) -> torch.Tensor:
+    """Round |x| half to even with one container addition per element.
 
-
-def _stochastic_fixed_point(
-    xa: torch.Tensor, fmt: FloatFormat, q: float, gen: torch.Generator | None
-) -> torch.Tensor:
-    """Stochastic rounding of |x| < min_normal to a multiple of q, in int64 fixed point.
-
-    k = |x| / q < 2^M is scaled by 2^F (exact: a power of two) and truncated to an integer K; then
-    n = (K + R) >> F with R ~ U[0, 2^F) rounds up with probability frac(k), exact to 2^-F.
+    With E = max(exponent(|x|), emin) and K = 2^(E + C - M), the container's spacing at K is 2^(E - M),
+    the format's spacing at |x| (normal or subnormal alike), and |x| < K; so the correctly rounded sum
+    |x| + K is K + round(|x|), and subtracting K is exact (Sterbenz). K is built from the exponent bits.
     """
-    frac_bits = 62 - fmt.mantissa_bits - 1
-    fixed = (xa * math.ldexp(1.0 / q, frac_bits)).clamp_(max=math.ldexp(1.0, 62)).to(torch.int64)
-    r = _random_bits(xa.shape, frac_bits, torch.int64, xa.device, gen)
-    n = r.add_(fixed).bitwise_right_shift_(frac_bits)
-    return n.to(xa.dtype).mul_(q)
+    shift = c.mantissa_bits - fmt.mantissa_bits
+    lo = (fmt.emin + c.bias) << c.mantissa_bits
+    hi = (c.emax + c.bias - shift) << c.mantissa_bits  # keeps K finite for inf/NaN/huge inputs
+    k = (
+        xa.view(c.int_dtype)
+        .bitwise_and(c.exponent_mask)
+        .clamp_(lo, hi)
+        .add_(shift << c.mantissa_bits)
+        .view(c.dtype)
+    )
+    return (xa + k).sub_(k)
+
+
+def _nearest_by_integer_add(xa: torch.Tensor, fmt: FloatFormat, c: _Container) -> torch.Tensor:
+    """Round |x| half to even by one integer add on its bits (formats sharing the container's emin, so the
+    subnormal spacings align bit for bit: BF16 and other 8-exponent-bit formats in float32)."""
+    assert fmt.emin == c.emin, "guarded by _addition_kernel_ok"
+    shift = c.mantissa_bits - fmt.mantissa_bits
+    low_mask = (1 << shift) - 1
+    # NaN patterns sit above inf's; clamping keeps the add from carrying into the sign bit (the caller
+    # restores NaN from the input).
+    a = xa.view(c.int_dtype).clamp(max=c.inf_bits)
+    r = (a >> shift).bitwise_and_(1).add_(low_mask >> 1).add_(a).bitwise_and_(~low_mask)
+    return r.view(c.dtype)
+
+
+def _stochastic(
+    xa: torch.Tensor, fmt: FloatFormat, c: _Container, gen: torch.Generator | None
+) -> tuple[torch.Tensor, bool]:
+    """Stochastic rounding of |x|: up with probability (|x| - lower neighbour) / spacing.
+
+    One draw of B uniform random bits per element (B = 31 for float32, 62 for float64) serves both cases:
+
+    * result normal: add the top s = C - M random bits below the kept mantissa and truncate (Croci et al.
+      2022, "Stochastic rounding: implementation, error analysis and applications"); the carry into the
+      exponent field is the next binade's first value. Exact: P(up) = dropped bits / 2^s.
+    * result subnormal (spacing q = min_subnormal, which the container's mantissa does not align with
+      unless the format shares its emin, as BF16 in float32 does): k = |x| / q (exact), round up when
+      R < floor(frac(k) * 2^B): exact to 2^-B of q.
+    """
+    rand_bits = 31 if c.int_dtype == torch.int32 else 62
+    shift = c.mantissa_bits - fmt.mantissa_bits
+    low_mask = (1 << shift) - 1
+    r = torch.randint(0, 1 << rand_bits, xa.shape, dtype=c.int_dtype, device=xa.device, generator=gen)
+    # NaN patterns sit above inf's: clamping keeps the add from carrying into the sign bit.
+    a = xa.view(c.int_dtype).clamp(max=c.inf_bits)
+    out = (r >> (rand_bits - shift)).add_(a).bitwise_and_(~low_mask).view(c.dtype)
+    if fmt.emin == c.emin:
+        return out, False  # NaN became inf here: the caller restores it from the input
+    q = math.ldexp(1.0, fmt.emin - fmt.mantissa_bits)
+    k = xa * (1.0 / q)  # exact: a power of two, and k < 2^M below min_normal
+    floor = k.floor()
+    threshold = (k - floor).mul_(math.ldexp(1.0, rand_bits)).to(c.int_dtype)
+    sub = floor.add_(r < threshold).mul_(q)
+    # NaN fails `>=` and takes `sub`, which is NaN: NaN propagates.
+    return torch.where(xa >= fmt.min_normal, out, sub), True
+
+
+# ------------------------------------------------------------------------------------------------------
+# One value, explained (for `lossscale formats --value`)
+
+RoundingStatus = Literal["exact", "rounded", "subnormal", "underflow", "overflow", "saturated", "nan"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundingInfo:
+    """How one value rounds in one format (see :func:`explain`)."""
+
+    format: str
+    input: float
+    value: float
+    bits: int | None  # the stored pattern; None where the format cannot encode the result (NaN in E2M1)
+    bits_str: str  # "s|exponent|mantissa" in binary
+    relative_error: float  # |value - input| / |input|; 0 for exact, inf for overflow, 1 for underflow
+    status: RoundingStatus
+
+
+def explain(value: float, fmt: FormatLike, *, saturate: bool = False) -> RoundingInfo:
+    """Round one Python float (a double, rounded once) to ``fmt`` and say what happened.
+
+    ``status`` is ``"nan"`` for a NaN input, ``"overflow"`` when a finite input became inf/NaN,
+    ``"saturated"`` when it was clamped to +-max, ``"underflow"`` when a nonzero input became zero,
+    ``"subnormal"`` when the result is subnormal, else ``"exact"`` or ``"rounded"``.
+
+    >>> explain(1e-8, "fp16").status, explain(1e-8, "bf16").status
+    ('underflow', 'rounded')
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"value must be a float, got {type(value).__name__}")
+    fmt = FloatFormat.parse(fmt)
+    x = float(value)
+    out = float(quantize(torch.tensor(x, dtype=torch.float64), fmt, saturate=saturate).item())
+    status: RoundingStatus
+    if math.isnan(x):
+        status = "nan"
+    elif not math.isfinite(out) and out != x:
+        status = "overflow"  # a finite value past max, or an infinity the format cannot hold
+    elif abs(x) > fmt.max and abs(out) == fmt.max:
+        status = "saturated"
+    elif x != 0.0 and out == 0.0:
+        status = "underflow"
+    elif out != 0.0 and abs(out) < fmt.min_normal:
+        status = "subnormal"
+    else:
+        status = "exact" if out == x else "rounded"
+    if x == 0.0 or math.isnan(x) or math.isnan(out):
+        rel = 0.0 if out == x or (math.isnan(x) and math.isnan(out)) else math.inf
+    elif math.isinf(x):
+        rel = 0.0 if out == x else math.inf
+    else:
+        rel = abs(out - x) / abs(x)
+    bits = fmt.encode(out)
+    return RoundingInfo(fmt.name, x, out, bits, _bits_str(bits, fmt), rel, status)
+
+
+def _bits_str(bits: int | None, fmt: FloatFormat) -> str:
+    if bits is None:
+        return "-"
+    e, m = fmt.exponent_bits, fmt.mantissa_bits
+    s = format(bits, f"0{fmt.bits}b")
+    return f"{s[0]}|{s[1:1 + e]}|{s[1 + e:]}" if m else f"{s[0]}|{s[1:1 + e]}|"

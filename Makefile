@@ -1,0 +1,33 @@
+# The two commands of README.md's Quick start:
+#   make run    set up .venv/ and run the main job
+#   make test   set up .venv/ and run the whole test suite (slow tests included, as CI does)
+VENV := .venv
+PY := $(VENV)/bin/python
+OUT ?= out/study
+
+.PHONY: setup run test test-fast bench lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt scripts/setup.sh
+	bash scripts/setup.sh
+	touch $@
+
+run: setup
+	$(PY) -m lossscale formats
+
+test: setup
+	$(PY) -m pytest -n 2 --dist loadgroup
+
+test-fast: setup
+	$(PY) -m pytest -n 2 --dist loadgroup -m "not slow"
+
+bench: setup
+	for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+lint: setup
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m mypy
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .hypothesis build src/*.egg-info
