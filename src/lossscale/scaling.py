@@ -1,0 +1,488 @@
+"""Loss-scaling rules as data: frozen configs, a state, and a pure update function.
+
+The rule (dynamic scaling, as in torch.amp.GradScaler, with Megatron-LM/DeepSpeed hysteresis and clamps)::
+
+    found = any gradient of this iteration was inf or NaN
+    if found:                                   # the optimizer step was skipped
+        growth_tracker = 0
+        if hysteresis_tracker <= 0:             # no overflow left to tolerate: back off
+            scale = max(fp32(scale * backoff_factor), min_scale)   # (never above the old scale)
+        hysteresis_tracker = max(hysteresis_tracker - 1, 0)
+        consecutive_skips += 1;  skipped_steps += 1
+    else:
+        growth_tracker += 1
+        if consecutive_hysteresis: hysteresis_tracker = hysteresis - 1
+        if growth_tracker >= growth_interval:
+            grown = fp32(scale * growth_factor)
+            if isfinite(grown): scale = min(grown, max_scale)     # (never below the old scale);
+                                                                  # growth refused at FP32 overflow (torch)
+            growth_tracker = 0;  hysteresis_tracker = hysteresis - 1
+        consecutive_skips = 0
+    steps += 1
+
+``hysteresis_tracker`` counts the overflows still tolerated before a backoff (it starts at
+``hysteresis - 1``). This is Megatron-LM's counter minus one: Megatron decrements first and backs off when
+the result is <= 0; so with ``hysteresis=2`` the first overflow is tolerated and every further one backs off
+until a growth refills the counter. With ``hysteresis=1`` the counter stays 0 and every overflow backs off.
+
+With the defaults (``hysteresis=1``, no clamps) this is exactly ``torch._amp_update_scale_``, and
+:func:`update_scale` calls it (through :mod:`lossscale._compat`). ``growth_tracker`` always stays below
+``growth_interval``, so torch's ``==`` test and the ``>=`` above agree. Products are formed in FP64 and
+rounded once to FP32, as torch's CPU kernel does (a float times a double in C++), so that non-power-of-two
+factors give the same bits.
+
+Two implementations of the same rule:
+
+* :func:`update_scale` works on tensors (:class:`ScalingState`) on the gradients' device, without a host
+  sync: this is what :class:`lossscale.LossScaler` runs every step.
+* :func:`update_scale_py` works on Python numbers (:class:`PyScalingState`): the test oracle, and the form in
+  which state is checkpointed.
+
+Sources: torch ``aten/src/ATen/native/cpu/AmpGradScalerKernels.cpp`` semantics (growth only if finite);
+hysteresis from Megatron-LM ``DynamicGradScaler`` and DeepSpeed ``DynamicLossScaler``
+(``consecutive_hysteresis``); the scale floor asked for in pytorch#99640; a budget of consecutive skips from
+optax ``apply_if_finite(max_consecutive_errors)`` and gpt-neox#291.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from . import _compat
+from ._compat import Impl
+
+__all__ = [
+    "DynamicScaling",
+    "NoScaling",
+    "PyScalingState",
+    "ScalingConfig",
+    "ScalingState",
+    "StaticScaling",
+    "config_from_dict",
+    "config_kind",
+    "config_to_dict",
+    "init_state",
+    "init_state_py",
+    "state_from_py",
+    "state_to_py",
+    "update_scale",
+    "update_scale_py",
+]
+
+_FP32_MAX = float(np.finfo(np.float32).max)
+
+
+def _fp32(x: float) -> float:
+    """Round a Python float (FP64) to the nearest FP32 value, overflowing to inf like a C++ cast."""
+    with np.errstate(over="ignore"):
+        return float(np.float32(x))
+
+
+def _check_scale_value(name: str, value: object, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        allowed = "a positive finite float or None" if optional else "a positive finite float"
+        raise TypeError(f"{name} must be {allowed}, got {type(value).__name__} {value!r}")
+    v = float(value)
+    if not (math.isfinite(v) and v > 0.0):
+        raise ValueError(f"{name} must be positive and finite, got {value!r}")
+    if not (math.isfinite(_fp32(v)) and _fp32(v) > 0.0):
+        # The scale lives in an FP32 tensor: a value FP32 cannot hold would become inf or 0.
+        raise ValueError(f"{name} must be representable in FP32 (2^-149 .. {_FP32_MAX:.6g}), got {value!r}")
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_skips(value: object) -> None:
+    if value is not None:
+        _check_int("max_consecutive_skips", value, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class DynamicScaling:
+    """Dynamic loss scaling (torch.amp.GradScaler's rule plus hysteresis, clamps and a skip budget).
+
+    Args:
+        init_scale: the first scale, default 2^16 (torch).
+        growth_factor: multiply the scale by this after ``growth_interval`` finite steps; > 1. Default 2.
+        backoff_factor: multiply the scale by this on a non-finite step; in (0, 1). Default 0.5.
+        growth_interval: finite steps between growths; int >= 1. Default 2000.
+        hysteresis: int >= 1; ``hysteresis - 1`` overflows are tolerated (no backoff) after each growth;
+            1 (the default) backs off on every overflow, as torch does; Megatron-LM and DeepSpeed use 2.
+        consecutive_hysteresis: refill the hysteresis counter on every finite step (DeepSpeed's option)
+            instead of only when the scale grows.
+        min_scale: floor for the scale after a backoff, or None.
+        max_scale: ceiling for the scale after a growth, or None.
+        max_consecutive_skips: budget of consecutive skipped steps, or None (no budget). The scaler's
+            ``step()`` raises on the skip that exceeds the budget.
+
+    Example:
+        >>> DynamicScaling(init_scale=1024.0, hysteresis=2).growth_interval
+        2000
+        >>> DynamicScaling(growth_factor=1.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: growth_factor must be > 1 and finite, got 1.0
+    """
+
+    init_scale: float = 2.0**16
+    growth_factor: float = 2.0
+    backoff_factor: float = 0.5
+    growth_interval: int = 2000
+    hysteresis: int = 1
+    consecutive_hysteresis: bool = False
+    min_scale: float | None = None
+    max_scale: float | None = None
+    max_consecutive_skips: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_scale_value("init_scale", self.init_scale)
+        for name in ("growth_factor", "backoff_factor"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise TypeError(f"{name} must be a float, got {type(v).__name__} {v!r}")
+        if not (math.isfinite(self.growth_factor) and self.growth_factor > 1.0):
+            raise ValueError(f"growth_factor must be > 1 and finite, got {self.growth_factor!r}")
+        if not (0.0 < self.backoff_factor < 1.0):
+            raise ValueError(f"backoff_factor must be in the open interval (0, 1), got {self.backoff_factor!r}")
+        _check_int("growth_interval", self.growth_interval, 1)
+        _check_int("hysteresis", self.hysteresis, 1)
+        if not isinstance(self.consecutive_hysteresis, bool):
+            raise TypeError(f"consecutive_hysteresis must be a bool, got {type(self.consecutive_hysteresis).__name__}")
+        _check_scale_value("min_scale", self.min_scale, optional=True)
+        _check_scale_value("max_scale", self.max_scale, optional=True)
+        lo = self.min_scale if self.min_scale is not None else 0.0
+        hi = self.max_scale if self.max_scale is not None else math.inf
+        if lo > hi:
+            raise ValueError(f"min_scale ({self.min_scale!r}) must be <= max_scale ({self.max_scale!r})")
+        if not (lo <= self.init_scale <= hi):
+            raise ValueError(
+                f"init_scale ({self.init_scale!r}) must lie in [min_scale, max_scale] = "
+                f"[{self.min_scale!r}, {self.max_scale!r}]"
+            )
+        _check_skips(self.max_consecutive_skips)
+
+    @property
+    def is_torch_rule(self) -> bool:
+        """True when the rule is exactly torch.amp.GradScaler's (no hysteresis, no clamps)."""
+        return self.hysteresis == 1 and self.min_scale is None and self.max_scale is None
+
+
+@dataclasses.dataclass(frozen=True)
+class StaticScaling:
+    """A constant loss scale; non-finite steps are still skipped and counted.
+
+    Args:
+        init_scale: the scale, default 1.0 (only the non-finite check, e.g. for BF16 training).
+        max_consecutive_skips: as in :class:`DynamicScaling`.
+
+    Example:
+        >>> StaticScaling(128.0).init_scale
+        128.0
+    """
+
+    init_scale: float = 1.0
+    max_consecutive_skips: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_scale_value("init_scale", self.init_scale)
+        _check_skips(self.max_consecutive_skips)
+
+
+@dataclasses.dataclass(frozen=True)
+class NoScaling:
+    """No loss scaling and no non-finite check: a :class:`lossscale.LossScaler` built from it is disabled."""
+
+    @property
+    def init_scale(self) -> float:
+        return 1.0
+
+    @property
+    def max_consecutive_skips(self) -> None:
+        return None
+
+
+ScalingConfig = DynamicScaling | StaticScaling | NoScaling
+_KINDS: dict[str, type[DynamicScaling | StaticScaling | NoScaling]] = {
+    "dynamic": DynamicScaling,
+    "static": StaticScaling,
+    "none": NoScaling,
+}
+
+
+def config_kind(config: ScalingConfig) -> Literal["dynamic", "static", "none"]:
+    """The name of a config's kind: ``"dynamic"``, ``"static"`` or ``"none"``."""
+    if isinstance(config, DynamicScaling):
+        return "dynamic"
+    if isinstance(config, StaticScaling):
+        return "static"
+    if isinstance(config, NoScaling):
+        return "none"
+    raise TypeError(f"config must be DynamicScaling, StaticScaling or NoScaling, got {type(config).__name__}")
+
+
+def config_to_dict(config: ScalingConfig) -> dict[str, Any]:
+    """The config's fields (derived with :func:`dataclasses.fields`) plus its ``kind``."""
+    out: dict[str, Any] = {"kind": config_kind(config)}
+    for f in dataclasses.fields(config):
+        out[f.name] = getattr(config, f.name)
+    return out
+
+
+def config_from_dict(data: dict[str, Any]) -> ScalingConfig:
+    """Inverse of :func:`config_to_dict`; raises ValueError/TypeError naming a bad or missing field."""
+    if not isinstance(data, dict):
+        raise TypeError(f"scaling config must be a dict, got {type(data).__name__}")
+    kind = data.get("kind")
+    if kind not in _KINDS:
+        raise ValueError(f"scaling config 'kind' must be one of {sorted(_KINDS)}, got {kind!r}")
+    cls = _KINDS[kind]
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names - {"kind"}
+    if unknown:
+        raise ValueError(f"unknown field(s) for {cls.__name__}: {sorted(unknown)}")
+    missing = names - set(data)
+    if missing:
+        raise ValueError(f"missing field(s) for {cls.__name__}: {sorted(missing)}")
+    return cls(**{n: data[n] for n in names})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# State
+
+
+@dataclasses.dataclass(frozen=True)
+class ScalingState:
+    """The scaler's state as 0-d tensors on the gradients' device (read them only when logging: it syncs).
+
+    Fields: ``scale`` (float32), ``growth_tracker`` (int32, consecutive finite steps since the last growth or
+    overflow), ``hysteresis_tracker`` (int32, overflows still tolerated before a backoff), ``consecutive_skips``
+    (int32), ``skipped_steps`` (int64, total), ``steps`` (int64, number of updates).
+    """
+
+    scale: torch.Tensor
+    growth_tracker: torch.Tensor
+    hysteresis_tracker: torch.Tensor
+    consecutive_skips: torch.Tensor
+    skipped_steps: torch.Tensor
+    steps: torch.Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class PyScalingState:
+    """The plain-Python twin of :class:`ScalingState` (``scale`` holds an FP32 value in a Python float)."""
+
+    scale: float
+    growth_tracker: int = 0
+    hysteresis_tracker: int = 0
+    consecutive_skips: int = 0
+    skipped_steps: int = 0
+    steps: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)):
+            raise TypeError(f"scale must be a float, got {type(self.scale).__name__} {self.scale!r}")
+        # A long run of overflows may drive the scale to 0 (torch lets it); that state must stay readable.
+        if not (math.isfinite(self.scale) and self.scale >= 0.0):
+            raise ValueError(f"scale must be finite and >= 0, got {self.scale!r}")
+        for f in dataclasses.fields(self):
+            if f.name != "scale":
+                _check_int(f.name, getattr(self, f.name), 0)
+
+
+_STATE_DTYPES: dict[str, torch.dtype] = {
+    "scale": torch.float32,
+    "growth_tracker": torch.int32,
+    "hysteresis_tracker": torch.int32,
+    "consecutive_skips": torch.int32,
+    "skipped_steps": torch.int64,
+    "steps": torch.int64,
+}
+
+
+def _tolerance(config: ScalingConfig) -> int:
+    """Overflows tolerated after a refill: ``hysteresis - 1`` (0 for static scaling)."""
+    return config.hysteresis - 1 if isinstance(config, DynamicScaling) else 0
+
+
+def init_state_py(config: ScalingConfig) -> PyScalingState:
+    """The state before the first step: ``scale = fp32(init_scale)``, counters zero, hysteresis full."""
+    return PyScalingState(scale=_fp32(config.init_scale), hysteresis_tracker=_tolerance(config))
+
+
+def state_from_py(state: PyScalingState, device: torch.device | str | None = None) -> ScalingState:
+    """Materialise a :class:`PyScalingState` as tensors on ``device`` (no sync: a host-to-device copy)."""
+    return ScalingState(
+        **{
+            f.name: torch.full((), getattr(state, f.name), dtype=_STATE_DTYPES[f.name], device=device)
+            for f in dataclasses.fields(ScalingState)
+        }
+    )
+
+
+def state_to_py(state: ScalingState) -> PyScalingState:
+    """Read a :class:`ScalingState` back to Python numbers. Syncs (one device-to-host copy)."""
+    values = [getattr(state, f.name) for f in dataclasses.fields(ScalingState)]
+    # One copy: stack in float64, which holds every int32 and every int64 count below 2^53 exactly.
+    host = torch.stack([v.to(torch.float64) for v in values]).tolist()
+    kw: dict[str, Any] = {}
+    for f, v in zip(dataclasses.fields(ScalingState), host, strict=True):
+        kw[f.name] = float(v) if f.name == "scale" else int(v)
+    return PyScalingState(**kw)
+
+
+def init_state(config: ScalingConfig, device: torch.device | str | None = None) -> ScalingState:
+    """The initial :class:`ScalingState` for ``config`` on ``device``."""
+    return state_from_py(init_state_py(config), device)
+
+
+def update_scale(
+    state: ScalingState, found_inf: torch.Tensor, config: ScalingConfig, *, impl: Impl = "auto"
+) -> ScalingState:
+    """One step of the scaling rule on tensors. Pure (returns a new state) and free of host syncs.
+
+    Args:
+        state: the state before this step.
+        found_inf: a 0-d tensor, > 0 when a gradient of this step was inf or NaN (torch sums one flag per
+            optimizer, so any positive value counts).
+        config: the rule.
+        impl: ``"auto"`` uses torch's fused update kernel for torch's rule (hysteresis 1, no clamps) and the
+            general tensor formula otherwise; ``"fallback"`` always uses the general formula; ``"fused"``
+            requires torch's rule and the kernel. All give the same bits.
+
+    Example:
+        >>> cfg = DynamicScaling(init_scale=8.0, growth_interval=2)
+        >>> s = init_state(cfg)
+        >>> for bad in [0.0, 0.0, 1.0, 0.0]:
+        ...     s = update_scale(s, torch.tensor(bad), cfg)
+        >>> float(s.scale), int(s.growth_tracker), int(s.skipped_steps)
+        (8.0, 1, 1)
+    """
+    if found_inf.device != state.scale.device or found_inf.dtype != torch.float32:
+        found_inf = found_inf.to(state.scale.device, torch.float32, non_blocking=True)
+    found = found_inf > 0
+    # Accounting: 4 small ops, shared by every rule (bool * int32 stays int32; int64 + bool stays int64).
+    consecutive = (state.consecutive_skips + 1) * found
+    skipped = state.skipped_steps + found
+    steps = state.steps + 1
+    if not isinstance(config, DynamicScaling):
+        # Static (or no) scaling: the scale never moves; only the accounting does.
+        return dataclasses.replace(state, consecutive_skips=consecutive, skipped_steps=skipped, steps=steps)
+
+    if impl == "fused" and not config.is_torch_rule:
+        raise ValueError("update_scale(impl='fused') needs torch's rule: hysteresis=1 and no min/max clamps")
+    if impl == "fused" or (impl == "auto" and config.is_torch_rule):
+        # torch's kernel on copies (the function stays pure). hysteresis_tracker stays 0 under this rule.
+        scale = state.scale.clone()
+        growth_tracker = state.growth_tracker.clone()
+        _compat.update_scale_(
+            scale,
+            growth_tracker,
+            found_inf,
+            config.growth_factor,
+            config.backoff_factor,
+            config.growth_interval,
+            impl="fused" if impl == "fused" else "auto",
+        )
+        return ScalingState(
+            scale=scale,
+            growth_tracker=growth_tracker,
+            hysteresis_tracker=state.hysteresis_tracker,
+            consecutive_skips=consecutive,
+            skipped_steps=skipped,
+            steps=steps,
+        )
+
+    not_found = ~found
+    tracker = state.growth_tracker + 1
+    grow = not_found & (tracker >= config.growth_interval)
+    # Products in FP64, rounded once to FP32, as torch's kernel (float * double in C++).
+    scale64 = state.scale.to(torch.float64)
+    backoff = found & (state.hysteresis_tracker <= 0)
+    backed = (scale64 * config.backoff_factor).to(torch.float32)
+    if config.min_scale is not None:
+        # The floor never raises a scale that already sits below it (set by update(new_scale) or loaded).
+        backed = torch.minimum(torch.clamp(backed, min=_fp32(config.min_scale)), state.scale)
+    grown = (scale64 * config.growth_factor).to(torch.float32)
+    # Growth is refused when the result overflows FP32 (torch), and the scale stays put.
+    grow_ok = grow & torch.isfinite(grown)
+    if config.max_scale is not None:
+        # Likewise the ceiling never lowers a scale above it.
+        grown = torch.maximum(torch.clamp(grown, max=_fp32(config.max_scale)), state.scale)
+    scale = torch.where(backoff, backed, torch.where(grow_ok, grown, state.scale))
+
+    growth_tracker = torch.where(found | grow, torch.zeros_like(tracker), tracker)
+    hyst_down = torch.clamp(state.hysteresis_tracker - 1, min=0)
+    refill = grow | not_found if config.consecutive_hysteresis else grow
+    full = torch.full_like(hyst_down, config.hysteresis - 1)
+    hysteresis = torch.where(found, hyst_down, torch.where(refill, full, state.hysteresis_tracker))
+    return ScalingState(
+        scale=scale,
+        growth_tracker=growth_tracker,
+        hysteresis_tracker=hysteresis,
+        consecutive_skips=consecutive,
+        skipped_steps=skipped,
+        steps=steps,
+    )
+
+
+def update_scale_py(state: PyScalingState, found_inf: bool, config: ScalingConfig) -> PyScalingState:
+    """The plain-Python twin of :func:`update_scale`, written from the rule in the module docstring.
+
+    Example:
+        >>> cfg = DynamicScaling(init_scale=4.0, growth_interval=2)
+        >>> s = init_state_py(cfg)
+        >>> scales = []
+        >>> for bad in [False, False, False, True, False, False]:
+        ...     s = update_scale_py(s, bad, cfg)
+        ...     scales.append(s.scale)
+        >>> scales
+        [4.0, 8.0, 8.0, 4.0, 4.0, 8.0]
+    """
+    steps = state.steps + 1
+    if found_inf:
+        consecutive, skipped = state.consecutive_skips + 1, state.skipped_steps + 1
+    else:
+        consecutive, skipped = 0, state.skipped_steps
+    if not isinstance(config, DynamicScaling):
+        return dataclasses.replace(state, consecutive_skips=consecutive, skipped_steps=skipped, steps=steps)
+
+    scale = state.scale
+    hyst = state.hysteresis_tracker
+    if found_inf:
+        tracker = 0
+        if hyst <= 0:
+            backed = _fp32(scale * config.backoff_factor)
+            if config.min_scale is not None:
+                backed = min(max(backed, _fp32(config.min_scale)), scale)
+            scale = backed
+        hyst = max(hyst - 1, 0)
+    else:
+        tracker = state.growth_tracker + 1
+        if config.consecutive_hysteresis:
+            hyst = config.hysteresis - 1
+        if tracker >= config.growth_interval:
+            grown = _fp32(scale * config.growth_factor)
+            if math.isfinite(grown):
+                scale = grown if config.max_scale is None else max(min(grown, _fp32(config.max_scale)), scale)
+            tracker = 0
+            hyst = config.hysteresis - 1
+    return PyScalingState(
+        scale=scale,
+        growth_tracker=tracker,
+        hysteresis_tracker=hyst,
+        consecutive_skips=consecutive,
+        skipped_steps=skipped,
+        steps=steps,
+    )
