@@ -1,0 +1,203 @@
+"""Rounding sites and the emulated ops built from them.
+
+A tensor-core GEMM (and cuDNN convolution, flash attention) computes with low-precision operands, accumulates
+in FP32 and rounds its result. In training the same holds in backward: the incoming gradient enters the dgrad
+and wgrad GEMMs in low precision and their results are rounded. Emulation reproduces this with FP32 ops
+between *rounding sites*, ``autograd.Function``s that round in forward and round the gradient in backward:
+
+    operand site   forward: x -> q_compute(x)  (with per-tensor scaling, if any)  backward: g -> q_output(g)
+    addend site    forward: b -> q_output(b)   (bias, the C of addmm)             backward: g -> q_output(g)
+    result site    forward: y -> q_output(y)                                      backward: g -> q_grad(g)
+
+so that ``result(op(operand(x), operand(w)))`` has the forward and backward numerics of the hardware op,
+while autograd runs the op's own FP32 backward in between (exact products, FP32 accumulation).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..formats import FP32, FloatFormat
+from ..precision import Precision
+from ..quantize import quantize
+from .counters import RoundingCounters
+
+__all__ = ["Emulator", "round_to", "scaled_round"]
+
+
+def round_to(
+    x: torch.Tensor, fmt: FloatFormat, site: str, counters: RoundingCounters | None
+) -> torch.Tensor:
+    """Round ``x`` to ``fmt`` (nearest-even, overflow visible) and count what happened at ``site``."""
+    q = quantize(x, fmt)
+    if counters is not None:
+        counters.record(site, fmt, x, q)
+    return q
+
+
+def current_scale(x: torch.Tensor, fmt: FloatFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor power-of-two scale ``s = 2^k`` with ``k`` the largest integer such that ``amax * s <= max``,
+    and its inverse (both exact). 1 when amax is 0 or not finite (so that overflow stays visible).
+
+    Transformer Engine's current scaling uses ``max / amax`` (margin 0); a power of two keeps scaling and
+    unscaling exact, so the only error is the rounding itself. Does not synchronise.
+    """
+    amax = x.detach().abs().amax().float()
+    ok = torch.isfinite(amax) & (amax > 0)
+    safe = torch.where(ok, amax, torch.ones_like(amax))
+    # log2 in FP32 may be off by one next to a power of two: correct by checking the bound directly.
+    k = torch.floor(math.log2(fmt.max) - torch.log2(safe))
+    k = torch.where(safe * torch.exp2(k) > fmt.max, k - 1, k)
+    # Keep s and 1/s finite normal FP32 numbers so multiplying by either is exact.
+    k = torch.where(ok, k.clamp(-126, 126), torch.zeros_like(k))
+    return torch.exp2(k).to(x.dtype), torch.exp2(-k).to(x.dtype)
+
+
+def scaled_round(
+    x: torch.Tensor, fmt: FloatFormat, site: str, counters: RoundingCounters | None
+) -> torch.Tensor:
+    """``q(x * s) / s`` with the per-tensor current scale ``s`` (counts are taken on the scaled values)."""
+    scale, inv = current_scale(x, fmt)
+    return round_to(x * scale, fmt, site, counters) * inv
+
+
+class _Site(torch.autograd.Function):
+    """Round in forward (optionally with per-tensor scaling); round the gradient in backward."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        fwd: FloatFormat | None,
+        scaled: bool,
+        bwd: FloatFormat | None,
+        site: str,
+        counters: RoundingCounters | None,
+    ) -> torch.Tensor:
+        ctx.bwd, ctx.site, ctx.counters = bwd, site, counters
+        if fwd is None:
+            return x.view_as(x)
+        if scaled:
+            return scaled_round(x, fwd, site, counters)
+        return round_to(x, fwd, site, counters)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None, None, None]:
+        if ctx.bwd is not None and g is not None:
+            g = round_to(g, ctx.bwd, ctx.site + ".grad", ctx.counters)
+        return g, None, None, None, None, None
+
+
+class Emulator:
+    """One emulated precision: its rounding sites, counters, weight cache and site naming.
+
+    Created by :func:`lossscale.autocast` per context; the handlers call its methods directly (never through
+    the function mode), so composite layers do not re-enter the mode.
+    """
+
+    def __init__(self, precision: Precision, counters: RoundingCounters | None) -> None:
+        self.precision = precision
+        self.compute = _none_if_fp32(precision.compute_format)
+        self.output = _none_if_fp32(precision.output_format)
+        self.grad = _none_if_fp32(precision.grad_format)
+        self.scaled = precision.scaling == "current" and self.compute is not None
+        # A GEMM result fed straight into another GEMM needs no second rounding when one format serves
+        # operands, results and gradients: forward it already holds values of the format, and in backward the
+        # result site rounds the (same-format) gradient anyway.
+        self._one_format = self.compute == self.output == self.grad and not self.scaled
+        self.counters = counters
+        self.module_stack: list[str] = []
+        # Like torch.autocast's cast cache: a leaf tensor that requires grad (a weight) is rounded once per
+        # context, so that all its uses share one rounded copy and its gradient is rounded once.
+        self._cache: dict[tuple[int, int, str, bool], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+    def _site_name(self, op: str, role: str) -> str:
+        base = f"{op}.{role}"
+        return f"{self.module_stack[-1]}:{base}" if self.module_stack else base
+
+    def site(
+        self,
+        x: torch.Tensor,
+        op: str,
+        role: str,
+        fwd: FloatFormat | None,
+        bwd: FloatFormat | None,
+        scaled: bool = False,
+    ) -> torch.Tensor:
+        """A rounding site: forward rounds to ``fwd``, backward rounds the gradient to ``bwd`` (None: keep)."""
+        if fwd is None and bwd is None:
+            return x
+        name = self._site_name(op, role)
+        if torch.is_grad_enabled() and x.requires_grad:
+            out: torch.Tensor = _Site.apply(x, fwd, scaled, bwd, name, self.counters)  # type: ignore[no-untyped-call]
+            return out
+        if fwd is None:
+            return x
+        if scaled:
+            return scaled_round(x, fwd, name, self.counters)
+        return round_to(x, fwd, name, self.counters)
+
+    def _cached(self, x: torch.Tensor, kind: str, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if not (x.is_leaf and x.requires_grad):
+            return make()
+        # The grad mode is part of the key: a copy rounded under no_grad has no autograd history.
+        key = (id(x), x._version, kind, torch.is_grad_enabled())
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] is x:
+            return hit[1]
+        out = make()
+        self._cache[key] = (x, out)  # keeping x alive keeps id(x) unique while cached
+        return out
+
+    def operand(self, x: torch.Tensor, op: str, role: str) -> torch.Tensor:
+        """A GEMM operand: compute format (with per-tensor scaling) forward, output format backward."""
+        return self._cached(
+            x, "operand", lambda: self.site(x, op, role, self.compute, self.output, self.scaled)
+        )
+
+    def result_operand(self, x: torch.Tensor, op: str, role: str) -> torch.Tensor:
+        """An operand that is the direct output of a result site (or a view of one): skipped when that is
+        exact (one format for operands, results and gradients), else an ordinary operand site."""
+        return x if self._one_format else self.operand(x, op, role)
+
+    def addend(self, x: torch.Tensor | None, op: str, role: str) -> torch.Tensor | None:
+        """A bias or addend, applied in the GEMM epilogue: output format both ways, never scaled."""
+        if x is None:
+            return None
+        return self._cached(x, "addend", lambda: self.site(x, op, role, self.output, self.output))
+
+    def result(self, y: torch.Tensor, op: str, role: str = "output") -> torch.Tensor:
+        """A GEMM result: output format forward; the incoming gradient rounded to the grad format."""
+        return self.site(y, op, role, self.output, self.grad)
+
+    def gemm_done(self, op: str, n: int = 1) -> None:
+        if self.counters is not None:
+            self.counters.count_gemm(op, n)
+
+    # ----------------------------------------------------------------------------------------------
+    # Emulated primitives the handlers compose.
+    def linear(
+        self,
+        x: torch.Tensor,
+        w: torch.Tensor,
+        b: torch.Tensor | None,
+        op: str = "linear",
+        roles: tuple[str, str, str, str] = ("input", "weight", "bias", "output"),
+    ) -> torch.Tensor:
+        y = torch.nn.functional.linear(
+            self.operand(x, op, roles[0]), self.operand(w, op, roles[1]), self.addend(b, op, roles[2])
+        )
+        self.gemm_done(op)
+        return self.result(y, op, roles[3])
+
+
+def _none_if_fp32(fmt: FloatFormat) -> FloatFormat | None:
+    # FP32 sites are identities on FP32 tensors: skip them entirely.
+    return None if fmt == FP32 else fmt

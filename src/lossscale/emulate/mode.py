@@ -1,0 +1,333 @@
+"""``lossscale.autocast``: native ``torch.autocast`` where it is fast, emulated low precision elsewhere.
+
+Emulation is a ``torch.overrides.TorchFunctionMode`` that sends the low-precision op set (CUDA autocast's
+lower-precision list: GEMMs, convolutions, attention, recurrent layers) to handlers built on rounding sites
+(see ``_core``); every other op runs unchanged in FP32, which is what CUDA autocast does with its FP32 list
+(softmax, norms, losses).
+
+Nesting: a thread-local stack holds the active emulators (None for a region that is not emulated). The
+innermost entry decides; while a handler runs, a thread-local ``busy`` flag makes every mode pass calls
+through, so handlers can call torch ops (and outer modes) without being intercepted again.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from ..formats import BF16, FP16
+from ..precision import Precision
+from . import attention, rnn
+from ._core import Emulator
+from .counters import RoundingCounters
+
+__all__ = ["autocast", "Autocast"]
+
+Handler = Callable[[Emulator, Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any]
+
+
+class _Local(threading.local):
+    def __init__(self) -> None:
+        self.stack: list[Emulator | None] = []
+        self.busy = 0
+
+
+_LOCAL = _Local()
+
+
+def _gemm_handler(op: str, operands: tuple[str, ...], addends: tuple[str, ...] = ()) -> Handler:
+    """A handler for a GEMM-like op whose positional arguments are named ``operands + addends`` roles."""
+    roles = operands  # positional order
+    addend_set = set(addends)
+
+    def handle(emu: Emulator, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if "out" in kwargs or not _all_fp32(args, kwargs):
+            return func(*args, **kwargs)
+        new_args = list(args)
+        for i, value in enumerate(args[: len(roles)]):
+            if isinstance(value, torch.Tensor):
+                role = roles[i]
+                new_args[i] = emu.addend(value, op, role) if role in addend_set else emu.operand(value, op, role)
+        new_kwargs = dict(kwargs)
+        for name, value in kwargs.items():
+            if isinstance(value, torch.Tensor) and name in roles:
+                new_kwargs[name] = emu.addend(value, op, name) if name in addend_set else emu.operand(value, op, name)
+        out = func(*new_args, **new_kwargs)
+        emu.gemm_done(op)
+        return emu.result(out, op)
+
+    return handle
+
+
+def _all_fp32(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+    return bool(tensors) and all(t.dtype == torch.float32 for t in tensors)
+
+
+def _tensor_fp32(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.dtype == torch.float32
+
+
+def _sdpa_handler(emu: Emulator, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    q = args[0] if args else kwargs.get("query")
+    if not _tensor_fp32(q):
+        return func(*args, **kwargs)
+    return attention.sdpa(emu, *args, **kwargs)
+
+
+def _mha_handler(emu: Emulator, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    q = args[0] if args else kwargs.get("query")
+    if not _tensor_fp32(q):
+        return func(*args, **kwargs)
+    return attention.multi_head_attention_forward(emu, *args, **kwargs)
+
+
+def _rnn_handler(kind: str) -> Handler:
+    def handle(emu: Emulator, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if kwargs or not _tensor_fp32(args[0] if args else None):
+            return func(*args, **kwargs)
+        return rnn.rnn_layer(emu, kind, *args)
+
+    return handle
+
+
+def _cell_handler(kind: str) -> Handler:
+    def handle(emu: Emulator, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if kwargs or not _tensor_fp32(args[0] if args else None):
+            return func(*args, **kwargs)
+        return rnn.rnn_cell(emu, kind, *args)
+
+    return handle
+
+
+def _build_handlers() -> dict[Any, Handler]:
+    vf = torch._C._VariableFunctions  # what torch._VF forwards to: the functions nn.LSTM & co. call
+    h: dict[Any, Handler] = {}
+    linear = _gemm_handler("linear", ("input", "weight", "bias"), ("bias",))
+    h[F.linear] = linear
+    matmul = _gemm_handler("matmul", ("input", "other"))
+    for f in (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__):
+        h[f] = matmul
+    h[torch.Tensor.__rmatmul__] = _gemm_handler("matmul", ("other", "input"))
+    for name, roles, addends in (
+        ("mm", ("input", "mat2"), ()),
+        ("bmm", ("input", "mat2"), ()),
+        ("addmm", ("input", "mat1", "mat2"), ("input",)),
+        ("baddbmm", ("input", "batch1", "batch2"), ("input",)),
+    ):
+        handler = _gemm_handler(name, roles, addends)
+        h[getattr(torch, name)] = handler
+        h[getattr(torch.Tensor, name)] = handler
+    for name in ("conv1d", "conv2d", "conv3d"):
+        h[getattr(F, name)] = _gemm_handler(name, ("input", "weight", "bias"), ("bias",))
+    h[F.scaled_dot_product_attention] = _sdpa_handler
+    h[F.multi_head_attention_forward] = _mha_handler
+    for kind in ("lstm", "gru", "rnn_tanh", "rnn_relu"):
+        h[getattr(vf, kind)] = _rnn_handler(kind)
+        h[getattr(vf, kind + "_cell")] = _cell_handler(kind)
+    return h
+
+
+_HANDLERS = _build_handlers()
+
+
+class _EmulationMode(TorchFunctionMode):
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        local = _LOCAL
+        if local.busy or not local.stack or local.stack[-1] is None:
+            return func(*args, **kwargs)
+        try:
+            handler = _HANDLERS.get(func)
+        except TypeError:  # unhashable callables are never ours
+            handler = None
+        if handler is None:
+            return func(*args, **kwargs)
+        local.busy += 1
+        try:
+            return handler(local.stack[-1], func, args, kwargs)
+        finally:
+            local.busy -= 1
+
+
+def _native_dtype(precision: Precision) -> torch.dtype | None:
+    """The torch dtype autocast would use for this precision, or None if torch autocast cannot express it."""
+    fmt = precision.compute
+    if (
+        fmt in (BF16, FP16)
+        and precision.output == fmt
+        and precision.grad == fmt
+        and precision.scaling == "none"
+        and not precision.flush_to_zero
+    ):
+        return fmt.torch_dtype
+    return None
+
+
+class Autocast:
+    """The context manager :func:`autocast` returns. Attributes: ``precision``, ``emulated`` (bool),
+    ``counters`` (the :class:`RoundingCounters` given, or None), ``device_type``."""
+
+    def __init__(
+        self,
+        precision: Precision | str,
+        *,
+        emulate: bool | None = None,
+        counters: RoundingCounters | None = None,
+        device_type: str | None = None,
+        model: torch.nn.Module | None = None,
+    ) -> None:
+        self.precision = Precision.parse(precision)
+        if emulate is not None and not isinstance(emulate, bool):
+            raise TypeError(f"emulate must be a bool or None, got {type(emulate).__name__}")
+        if counters is not None and not isinstance(counters, RoundingCounters):
+            raise TypeError(f"counters must be a RoundingCounters or None, got {type(counters).__name__}")
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
+        if device_type is None:
+            device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        if not isinstance(device_type, str):
+            raise TypeError(f"device_type must be a str or None, got {type(device_type).__name__}")
+        self.device_type = device_type
+        self.counters = counters
+        self.model = model
+        dtype = _native_dtype(self.precision)
+        if emulate is None:
+            emulate = not (dtype is not None and device_type == "cuda" and counters is None)
+        if not emulate:
+            if self.precision.is_fp32:
+                dtype = None
+            elif dtype is None:
+                raise ValueError(
+                    f"emulate=False: torch.autocast cannot run precision {self.precision.name!r} natively "
+                    "(native needs compute == output == grad in bf16 or fp16, no scaling, no flush-to-zero); "
+                    "use emulate=True or None"
+                )
+            if counters is not None:
+                raise ValueError("counters need emulation: native torch.autocast has no rounding sites to count")
+        self.emulated = emulate
+        self._dtype = dtype
+        self._emulator: Emulator | None = None
+        self._mode: _EmulationMode | None = None
+        self._native: torch.autocast | None = None
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._depth = 0
+
+    def __enter__(self) -> Autocast:
+        if self._depth:
+            raise RuntimeError("this lossscale.autocast context is already active; create a new one to nest")
+        self._depth = 1
+        if self.emulated and not self.precision.is_fp32:
+            emu = Emulator(self.precision, self.counters)
+            self._emulator = emu
+            _LOCAL.stack.append(emu)
+            if self.model is not None:
+                self._install_hooks(self.model, emu)
+            self._mode = _EmulationMode()
+            self._mode.__enter__()  # type: ignore[no-untyped-call]
+        else:
+            # Native or FP32: nothing is emulated inside, even under an outer emulated context.
+            _LOCAL.stack.append(None)
+            if self._dtype is not None:
+                self._native = torch.autocast(self.device_type, dtype=self._dtype)
+                self._native.__enter__()  # type: ignore[no-untyped-call]
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            if self._mode is not None:
+                self._mode.__exit__(exc_type, exc, tb)  # type: ignore[no-untyped-call]
+            if self._native is not None:
+                self._native.__exit__(exc_type, exc, tb)
+        finally:
+            _LOCAL.stack.pop()
+            for handle in self._hooks:
+                handle.remove()
+            self._hooks.clear()
+            if self._emulator is not None:
+                self._emulator.clear_cache()
+            self._mode = self._native = self._emulator = None
+            self._depth = 0
+
+    def _install_hooks(self, model: torch.nn.Module, emu: Emulator) -> None:
+        # Name the rounding sites after the innermost module running (public module hooks, removed on exit).
+        stack = emu.module_stack
+        for name, module in model.named_modules():
+            label = name or type(model).__name__
+
+            def pre(_m: torch.nn.Module, _args: Any, label: str = label) -> None:
+                stack.append(label)
+
+            def post(_m: torch.nn.Module, _args: Any, _out: Any) -> None:
+                if stack:
+                    stack.pop()
+
+            self._hooks.append(module.register_forward_pre_hook(pre))
+            self._hooks.append(module.register_forward_hook(post))
+
+    def __repr__(self) -> str:
+        mode = "emulated" if self.emulated else "native"
+        return f"lossscale.autocast({self.precision.name!r}, {mode}, device_type={self.device_type!r})"
+
+
+def autocast(
+    precision: Precision | str,
+    *,
+    emulate: bool | None = None,
+    counters: RoundingCounters | None = None,
+    device_type: str | None = None,
+    model: torch.nn.Module | None = None,
+) -> Autocast:
+    """Run the enclosed forward pass in low precision, natively (``torch.autocast``) or emulated.
+
+    Emulated: for FP32 tensors, GEMMs (linear, matmul/mm/bmm/addmm/baddbmm), convolutions (1d-3d),
+    scaled-dot-product and multi-head attention and recurrent layers (LSTM/GRU/RNN and cells) compute in
+    FP32 between rounding sites:
+
+        forward:   y = q_output( op( q_compute(x), q_compute(w) ) + q_output(b) )
+        backward:  g = q_grad(dL/dy);  dx = q_output(op_x'(g)),  dw = q_output(op_w'(g))
+
+    (``q_compute`` with per-tensor power-of-two scaling under ``scaling="current"``). Everything else runs in
+    FP32, as on CUDA autocast's FP32 list (softmax, norms, losses). The backward rounding is attached at
+    forward time, so ``loss.backward()`` may run after the context exits (as with ``torch.autocast``).
+
+    Args:
+        precision: a :class:`~lossscale.Precision` or preset name (``"bf16-mixed"``, ``"fp8-hybrid"``, ...).
+        emulate: None (native where fast: CUDA with bf16/fp16 and no counters; emulation elsewhere), True
+            (always emulate), False (require native ``torch.autocast``; ValueError if it cannot express the
+            precision).
+        counters: a :class:`RoundingCounters` that accumulates underflow/overflow per rounding site (emulation
+            only). Counting does not synchronise.
+        device_type: for native mode; default ``"cuda"`` if available, else ``"cpu"``.
+        model: name rounding sites after the innermost submodule of ``model`` running (forward hooks,
+            removed on exit).
+
+    Returns an :class:`Autocast` context manager (``__enter__`` returns itself). Entering and leaving do not
+    synchronise.
+
+    Example:
+        >>> import torch, lossscale
+        >>> x, w = torch.tensor([[1.0 + 2**-9]]), torch.tensor([[1.0]])
+        >>> with lossscale.autocast("bf16-mixed", emulate=True):
+        ...     y = torch.nn.functional.linear(x, w)
+        >>> y.item()  # x was rounded to BF16 on its way into the GEMM
+        1.0
+    """
+    return Autocast(precision, emulate=emulate, counters=counters, device_type=device_type, model=model)

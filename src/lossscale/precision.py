@@ -1,0 +1,228 @@
+"""Training-precision recipes: which number format each part of a training step uses.
+
+A :class:`Precision` names the format of
+
+    forward operands of the low-precision op set   compute   (GEMM/conv/attention inputs)
+    results of those ops, and their dgrad/wgrad     output    (= compute, except FP8 GEMMs output BF16)
+    activation gradients entering backward GEMMs   grad
+    stored weights                                 weights   (FP32 master weights, or "pure" low precision)
+
+plus flush-to-zero and the per-tensor scaling of forward operands. Presets follow the names users already
+know: Lightning's precision flags, and Transformer Engine's FP8 "HYBRID" recipe (E4M3 forward, E5M2
+backward; "FP8 Formats for Deep Learning", Micikevicius et al., arXiv:2209.05433). The string form of a custom
+recipe follows jmp's policy strings (``"params=float32,compute=bfloat16"``, google-deepmind/jmp).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from .formats import BF16, E4M3, E5M2, FP16, FP32, FloatFormat
+
+__all__ = ["Precision", "Scaling", "PRECISION_PRESETS"]
+
+Scaling = Literal["none", "current"]
+_SCALINGS: tuple[str, ...] = ("none", "current")
+_KEYS = ("compute", "output", "grad", "weights", "scaling", "ftz")
+
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """A low-precision training recipe (a frozen config; variants via ``dataclasses.replace``).
+
+    Args:
+        compute: format of the forward operands of the low-precision ops (default FP32).
+        output: format of those ops' results and of the gradients they produce in backward (default: None,
+            meaning ``compute``, or BF16 when ``compute`` has 8 bits or fewer, as FP8 GEMMs output BF16).
+        grad: format of activation gradients entering backward GEMMs (default: None, meaning ``output``).
+        weights: storage format of the weights: FP32 master weights (default) or, e.g., BF16 ("pure").
+        flush_to_zero: flush subnormal results to zero at every rounding site.
+        scaling: ``"none"`` or ``"current"``: per-tensor power-of-two scaling of forward operands before
+            rounding to ``compute`` (Transformer Engine's current scaling). Gradients are never scaled per
+            tensor; a loss scale decides what survives in ``grad``.
+
+    Example:
+        >>> from lossscale import Precision
+        >>> p = Precision.parse("fp8-hybrid")
+        >>> (p.compute.name, p.output.name, p.grad.name, p.scaling)
+        ('e4m3', 'bf16', 'e5m2', 'current')
+        >>> Precision.parse("bf16-true") == Precision.parse("bf16-pure")
+        True
+        >>> Precision.parse("compute=fp16,weights=fp16").name
+        'fp16-pure'
+    """
+
+    compute: FloatFormat = FP32
+    # None means "derive from compute" and is resolved in __post_init__, so readers always see a FloatFormat.
+    output: FloatFormat = None  # type: ignore[assignment]
+    grad: FloatFormat = None  # type: ignore[assignment]
+    weights: FloatFormat = FP32
+    flush_to_zero: bool = False
+    scaling: Scaling = "none"
+
+    def __post_init__(self) -> None:
+        for field in ("compute", "weights"):
+            if not isinstance(getattr(self, field), FloatFormat):
+                raise TypeError(
+                    f"{field} must be a FloatFormat (use Precision.parse for names), "
+                    f"got {type(getattr(self, field)).__name__}"
+                )
+        for field in ("output", "grad"):
+            value = getattr(self, field)
+            if value is not None and not isinstance(value, FloatFormat):
+                raise TypeError(
+                    f"{field} must be a FloatFormat or None (use Precision.parse for names), "
+                    f"got {type(value).__name__}"
+                )
+        if not isinstance(self.flush_to_zero, bool):
+            raise TypeError(f"flush_to_zero must be a bool, got {type(self.flush_to_zero).__name__}")
+        if self.scaling not in _SCALINGS:
+            raise ValueError(f"scaling must be one of {_SCALINGS}, got {self.scaling!r}")
+        # Resolve the defaults so that equal recipes compare equal.
+        if self.output is None:
+            object.__setattr__(self, "output", BF16 if self.compute.bits <= 8 else self.compute)
+        if self.grad is None:
+            object.__setattr__(self, "grad", self.output)
+
+    # ----------------------------------------------------------------------------------------------
+    @property
+    def output_format(self) -> FloatFormat:
+        """``output`` with flush-to-zero applied (the format the rounding sites use)."""
+        return self._ftz(self.output)
+
+    @property
+    def compute_format(self) -> FloatFormat:
+        """``compute`` with flush-to-zero applied."""
+        return self._ftz(self.compute)
+
+    @property
+    def grad_format(self) -> FloatFormat:
+        """``grad`` with flush-to-zero applied."""
+        return self._ftz(self.grad)
+
+    @property
+    def weights_format(self) -> FloatFormat:
+        """``weights`` with flush-to-zero applied."""
+        return self._ftz(self.weights)
+
+    def formats(self) -> dict[str, FloatFormat]:
+        """The effective (flush-to-zero applied) formats by role."""
+        return {
+            "compute": self.compute_format,
+            "output": self.output_format,
+            "grad": self.grad_format,
+            "weights": self.weights_format,
+        }
+
+    @property
+    def is_fp32(self) -> bool:
+        """True when no rounding site changes anything (compute, output and grad are all FP32)."""
+        return all(f == FP32 for f in (self.compute_format, self.output_format, self.grad_format))
+
+    @property
+    def name(self) -> str:
+        """The preset name, or a ``key=value`` string that :meth:`parse` reads back."""
+        for preset_name, preset in PRECISION_PRESETS.items():
+            if preset == self:
+                return preset_name
+        parts = [
+            f"compute={self.compute.name}",
+            f"output={self.output.name}",
+            f"grad={self.grad.name}",
+            f"weights={self.weights.name}",
+            f"scaling={self.scaling}",
+            f"ftz={'true' if self.flush_to_zero else 'false'}",
+        ]
+        return ",".join(parts)
+
+    def __str__(self) -> str:
+        return self.name
+
+    def _ftz(self, fmt: FloatFormat) -> FloatFormat:
+        if self.flush_to_zero and fmt != FP32:
+            return dataclasses.replace(fmt, subnormals=False)
+        return fmt
+
+    # ----------------------------------------------------------------------------------------------
+    @classmethod
+    def parse(cls, spec: Precision | str) -> Precision:
+        """A recipe from a preset name, a Lightning precision name, a format name or a ``key=value`` list.
+
+        Presets: ``"fp32"``, ``"bf16-mixed"``, ``"bf16-pure"``, ``"fp16-mixed"``, ``"fp16-pure"``,
+        ``"fp8-hybrid"``. Lightning aliases: ``"32-true"``/``"32"``, ``"16-mixed"``/``"16"``,
+        ``"bf16-mixed"``/``"bf16"``, ``"16-true"``, ``"bf16-true"``. A bare format name (``"e6m9"``) is mixed
+        precision in that format. Custom: ``"compute=e4m3,output=bf16,grad=e5m2,weights=fp32,
+        scaling=current,ftz=false"`` (any subset of the keys, any order).
+        """
+        if isinstance(spec, Precision):
+            return spec
+        if not isinstance(spec, str):
+            raise TypeError(f"precision must be a Precision or a string, got {type(spec).__name__}")
+        key = spec.strip().lower().replace("_", "-")
+        if key in PRECISION_PRESETS:
+            return PRECISION_PRESETS[key]
+        if key in _ALIASES:
+            return PRECISION_PRESETS[_ALIASES[key]]
+        if "=" in key:
+            return cls._parse_pairs(spec, key)
+        try:
+            fmt = FloatFormat.parse(key)
+        except ValueError:
+            raise ValueError(
+                f"precision: unknown name {spec!r}; allowed: {', '.join(PRECISION_PRESETS)}, the Lightning "
+                f"names {', '.join(_ALIASES)}, a format name (e.g. 'e6m9'), or 'key=value' pairs with keys "
+                f"{', '.join(_KEYS)}"
+            ) from None
+        return cls(compute=fmt)
+
+    @classmethod
+    def _parse_pairs(cls, spec: str, key: str) -> Precision:
+        values: dict[str, str] = {}
+        for part in key.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            name, sep, value = part.partition("=")
+            name, value = name.strip(), value.strip()
+            if not sep or name not in _KEYS:
+                raise ValueError(
+                    f"precision: bad item {part!r} in {spec!r}; expected key=value with keys {', '.join(_KEYS)}"
+                )
+            if name in values:
+                raise ValueError(f"precision: key {name!r} given twice in {spec!r}")
+            values[name] = value
+        kwargs: dict[str, object] = {}
+        for name in ("compute", "output", "grad", "weights"):
+            if name in values:
+                kwargs[name] = FloatFormat.parse(values[name])
+        if "scaling" in values:
+            kwargs["scaling"] = values["scaling"]
+        if "ftz" in values:
+            if values["ftz"] not in ("true", "false", "1", "0"):
+                raise ValueError(f"precision: ftz must be true or false, got {values['ftz']!r}")
+            kwargs["flush_to_zero"] = values["ftz"] in ("true", "1")
+        return cls(**kwargs)  # type: ignore[arg-type]
+
+
+PRECISION_PRESETS: dict[str, Precision] = {
+    "fp32": Precision(),
+    "bf16-mixed": Precision(compute=BF16),
+    "bf16-pure": Precision(compute=BF16, weights=BF16),
+    "fp16-mixed": Precision(compute=FP16),
+    "fp16-pure": Precision(compute=FP16, weights=FP16),
+    # Transformer Engine's HYBRID recipe: E4M3 forward operands with per-tensor current scaling, BF16 GEMM
+    # outputs, E5M2 activation gradients without per-tensor scaling.
+    "fp8-hybrid": Precision(compute=E4M3, output=BF16, grad=E5M2, scaling="current"),
+}
+
+# Lightning's precision flags (lightning.pytorch Trainer(precision=...)).
+_ALIASES: dict[str, str] = {
+    "32-true": "fp32",
+    "32": "fp32",
+    "16-mixed": "fp16-mixed",
+    "16": "fp16-mixed",
+    "bf16": "bf16-mixed",
+    "16-true": "fp16-pure",
+    "bf16-true": "bf16-pure",
+}
