@@ -393,3 +393,19 @@ def test_explain_statuses() -> None:
     info = explain(0.1, "bf16")
     assert info.status == "rounded" and info.bits == 0x3DCD and info.bits_str == "0|01111011|1001101"
     assert info.relative_error == pytest.approx(abs(0.10009765625 - 0.1) / 0.1)
+
+
+@pytest.mark.parametrize("fmt", [FP16, E5M2, E4M3, E2M1, BF16], ids=str)
+def test_stochastic_just_past_max_rounds_to_max_or_overflows(fmt: FloatFormat) -> None:
+    # Between max and the overflow midpoint: nearest gives max; stochastic gives max or the overflow value
+    # (inf, NaN, or max again for saturating formats), never a finite value past max.
+    ulp = math.ldexp(1.0, fmt.emax - fmt.mantissa_bits)
+    x = torch.full((20_000,), fmt.max + ulp / 4, dtype=torch.float64).float()
+    out = quantize(x, fmt, rounding="stochastic", generator=torch.Generator().manual_seed(0))
+    assert quantize(x[:1], fmt).item() == fmt.max
+    at_max = (out == fmt.max).double().mean().item()
+    overflowed = {"ieee": out.isinf(), "nan": out.isnan(), "none": out == fmt.max}[fmt.nonfinite]
+    assert bool(((out == fmt.max) | overflowed).all())
+    if fmt.nonfinite != "none":
+        p_up = 0.25  # (max + ulp/4 - max) / ulp
+        assert abs((1 - at_max) - p_up) <= 3 * math.sqrt(p_up * (1 - p_up) / x.numel())

@@ -4,7 +4,8 @@ Two implementations give the same bits:
 
 * ``native``: torch's own casts (``x.to(torch.bfloat16).to(x.dtype)``), for the formats torch has, with
   lossscale's overflow semantics put on top (torch's float32 -> float8_e4m3fn cast saturates; ours does not
-  unless asked). Fast; used by default for FP32/BF16/FP16 containers' nearest rounding.
+  unless asked). Used by default for float32 inputs' nearest rounding to BF16, FP16, E5M2 and saturating
+  E4M3 (non-saturating E4M3 is faster with the bit-level kernel on CPU).
 * ``bits``: lossscale's own vectorised bit-level kernel, for every format (and the only correct one for
   float64 inputs: torch and ml_dtypes round float64 through float32 first, which rounds twice).
 
@@ -121,7 +122,9 @@ def quantize(
 
     if x.numel() == 0:
         return x.clone()
-    if rounding == "nearest" and impl != "bits" and _native_ok(x.dtype, fmt):
+    if rounding == "nearest" and (
+        impl == "native" or (impl == "auto" and _native_ok(x.dtype, fmt) and _native_is_faster(fmt, saturate))
+    ):
         return _native_nearest(x, fmt, saturate)
     if saturate:
         # Clamping to +-max first is the saturating conversion: max rounds to itself, and every value that
@@ -139,6 +142,13 @@ def quantize(
 
 def _native_ok(dtype: torch.dtype, fmt: FloatFormat) -> bool:
     return dtype == torch.float32 and fmt.torch_dtype is not None
+
+
+def _native_is_faster(fmt: FloatFormat, saturate: bool) -> bool:
+    # torch's float8_e4m3fn -> float32 cast runs about as slowly on CPU as the whole bit-level kernel, and
+    # its non-saturating form needs an extra overflow pass on top (benchmarks/quantize.py); saturating,
+    # the cast alone is the answer.
+    return fmt.nonfinite != "nan" or saturate
 
 
 def _native_nearest(x: torch.Tensor, fmt: FloatFormat, saturate: bool) -> torch.Tensor:
@@ -201,26 +211,34 @@ def _bits(
 ) -> torch.Tensor:
     c = _F32 if x.dtype == torch.float32 else _F64
     xa = x.abs()
-    nan_propagates = False
-    if rounding == "nearest" and _addition_kernel_ok(fmt, c):
-        out, nan_propagates = _nearest_by_addition(xa, fmt, c), True
-    elif rounding == "nearest":
-        out = _nearest_by_integer_add(xa, fmt, c)
-    else:
+    fill = {"ieee": math.inf, "nan": math.nan, "none": fmt.max}[fmt.nonfinite]
+    if rounding == "stochastic":
         out, nan_propagates = _stochastic(xa, fmt, c, generator)
-
-    if not fmt.subnormals:
-        # Rounded as if subnormals existed, then flushed (sign kept by the copysign below).
-        out = out.masked_fill_(out < fmt.min_normal, 0.0)
+        if not fmt.subnormals:
+            out = out.masked_fill_(out < fmt.min_normal, 0.0)
+        # Stochastic rounding may take a value just past max down to max, or up to the next value past it
+        # (inf's pattern for 8-exponent-bit formats): overflow is decided on the result. NaN > max is False.
+        out = out.masked_fill_(out > fmt.max, fill)
+        if not nan_propagates:
+            out = out.masked_fill_(x.isnan(), math.nan)
+        return out.copysign_(x)
 
     # Overflow is decided on the input, not on the rounded bits: |x| past the midpoint between max and the
     # next value up (reached exactly when the tie goes away from max: max's last bit is 1 unless the
     # format's only special is NaN, as in E4M3FN's 1.110 x 2^8).
     mid = _overflow_midpoint(fmt)
-    if nan_propagates:  # NaN inputs are NaN already, and NaN > mid is False
+    if _addition_kernel_ok(fmt, c):
+        # NaN inputs come out NaN from the addition, and NaN > mid is False.
         over = xa > mid if fmt.nonfinite == "nan" else xa >= mid
-        fill = {"ieee": math.inf, "nan": math.nan, "none": fmt.max}[fmt.nonfinite]
+        out = _nearest_by_addition(xa, fmt, c)  # in place on xa
+        if not fmt.subnormals:
+            out = out.masked_fill_(out < fmt.min_normal, 0.0)
         return out.masked_fill_(over, fill).copysign_(x)
+
+    out = _nearest_by_integer_add(xa, fmt, c)
+    if not fmt.subnormals:
+        # Rounded as if subnormals existed, then flushed (sign kept by the copysign below).
+        out = out.masked_fill_(out < fmt.min_normal, 0.0)
     # NaN inputs fail `in_range` and take the special value, which keeps them NaN.
     in_range = xa <= mid if fmt.nonfinite == "nan" else xa < mid
     if fmt.nonfinite == "ieee":
@@ -249,7 +267,7 @@ def _nearest_by_addition(xa: torch.Tensor, fmt: FloatFormat, c: _Container) -> t
         .add_(shift << c.mantissa_bits)
         .view(c.dtype)
     )
-    return (xa + k).sub_(k)
+    return xa.add_(k).sub_(k)  # in place: the caller has no further use for |x|
 
 
 def _nearest_by_integer_add(xa: torch.Tensor, fmt: FloatFormat, c: _Container) -> torch.Tensor:
@@ -261,7 +279,9 @@ def _nearest_by_integer_add(xa: torch.Tensor, fmt: FloatFormat, c: _Container) -
     # NaN patterns sit above inf's; clamping keeps the add from carrying into the sign bit (the caller
     # restores NaN from the input).
     a = xa.view(c.int_dtype).clamp(max=c.inf_bits)
-    r = (a >> shift).bitwise_and_(1).add_(low_mask >> 1).add_(a).bitwise_and_(~low_mask)
+    # lsb of the kept mantissa, as 0 or 1 ((a & bit) clamped to 1: cheaper than a shift on CPU)
+    lsb = (a & (1 << shift)).clamp_(max=1)
+    r = lsb.add_(low_mask >> 1).add_(a).bitwise_and_(~low_mask)
     return r.view(c.dtype)
 
 
@@ -272,22 +292,27 @@ def _stochastic(
 
     One draw of B uniform random bits per element (B = 31 for float32, 62 for float64) serves both cases:
 
-    * result normal: add the top s = C - M random bits below the kept mantissa and truncate (Croci et al.
+    * result normal: add s = C - M random bits below the kept mantissa and truncate (Croci et al.
       2022, "Stochastic rounding: implementation, error analysis and applications"); the carry into the
       exponent field is the next binade's first value. Exact: P(up) = dropped bits / 2^s.
     * result subnormal (spacing q = min_subnormal, which the container's mantissa does not align with
       unless the format shares its emin, as BF16 in float32 does): k = |x| / q (exact), round up when
       R < floor(frac(k) * 2^B): exact to 2^-B of q.
     """
-    rand_bits = 31 if c.int_dtype == torch.int32 else 62
     shift = c.mantissa_bits - fmt.mantissa_bits
     low_mask = (1 << shift) - 1
-    r = torch.randint(0, 1 << rand_bits, xa.shape, dtype=c.int_dtype, device=xa.device, generator=gen)
     # NaN patterns sit above inf's: clamping keeps the add from carrying into the sign bit.
-    a = xa.view(c.int_dtype).clamp(max=c.inf_bits)
-    out = (r >> (rand_bits - shift)).add_(a).bitwise_and_(~low_mask).view(c.dtype)
+    if fmt.emin == c.emin:  # xa is not needed after this branch: work in place
+        a = xa.view(c.int_dtype).clamp_(max=c.inf_bits)
+    else:
+        a = xa.view(c.int_dtype).clamp(max=c.inf_bits)
     if fmt.emin == c.emin:
-        return out, False  # NaN became inf here: the caller restores it from the input
+        r = torch.randint(0, 1 << shift, xa.shape, dtype=c.int_dtype, device=xa.device, generator=gen)
+        return a.add_(r).bitwise_and_(~low_mask).view(c.dtype), False  # the caller restores NaN
+    rand_bits = 31 if c.int_dtype == torch.int32 else 62
+    r = torch.randint(0, 1 << rand_bits, xa.shape, dtype=c.int_dtype, device=xa.device, generator=gen)
+    # Each element takes one of the two branches, so both may use the same random bits.
+    out = (r & low_mask).add_(a).bitwise_and_(~low_mask).view(c.dtype)
     q = math.ldexp(1.0, fmt.emin - fmt.mantissa_bits)
     k = xa * (1.0 / q)  # exact: a power of two, and k < 2^M below min_normal
     floor = k.floor()
