@@ -23,6 +23,7 @@ test-fast: setup
 	$(PY) -m pytest -n 2 --dist loadgroup -m "not slow"
 
 bench: setup
+	$(PY) -m pip install --quiet -c constraints.txt --no-deps torch-optimi torchao
 	for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 lint: setup

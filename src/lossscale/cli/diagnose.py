@@ -1,0 +1,212 @@
+"""``lossscale diagnose``: does a model lose gradients in BF16/FP16/FP8, and what loss scale fixes it."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from ..diagnose import DEFAULT_STEPS, Diagnosis, diagnose
+from ..formats import FloatFormat
+from . import CLIError
+
+# Names of the built-in examples (lossscale.study.tasks.example); listed here so that parsing the command
+# line imports nothing of the study.
+EXAMPLES = ("cnn", "rnn", "transformer", "deep-mlp")
+
+_EPILOG = f"""\
+examples:
+  lossscale diagnose --example deep-mlp                  30-layer tanh MLP: fp16 and e5m2 need a loss scale
+  lossscale diagnose --example cnn --formats bf16,fp16,e4m3,e5m2 --steps 16 --out runs/cnn
+  lossscale diagnose --model mypkg.models:make_diag      your own model
+
+--model PACKAGE.MODULE:FACTORY names a function taking no arguments that returns (model, loss_fn, batches):
+an nn.Module, loss_fn(model, batch) -> scalar loss tensor, and an iterable of batches. The steps run in FP32
+on a copy of the model (SGD, lr 0.01); the format columns say what rounding those FP32 gradients to each
+format would do. Writes diagnosis.json, diagnosis.md and PNG figures into --out (default ./lossscale-diagnosis).
+Default steps: {DEFAULT_STEPS}.
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = subparsers.add_parser(
+        "diagnose",
+        help="per-layer gradient underflow/overflow/swamping per format, and a recommended loss scale",
+        description="Measure, per layer, how much of a model's gradients would underflow, overflow or be "
+        "swamped in each format, and recommend a loss scale.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", metavar="PACKAGE.MODULE:FACTORY", help="factory returning (model, loss_fn, batches)")
+    src.add_argument("--example", choices=EXAMPLES, help="a built-in example (small, CPU)")
+    p.add_argument("--formats", default="bf16,fp16,e5m2", metavar="F[,F...]",
+                   help="comma-separated formats (default: bf16,fp16,e5m2)")
+    p.add_argument(
+        "--steps", type=int, default=DEFAULT_STEPS, metavar="N", help=f"training steps (default {DEFAULT_STEPS})"
+    )
+    p.add_argument("--threshold", type=float, default=1e-3, metavar="T",
+                   help="acceptable underflow fraction (default 1e-3)")
+    p.add_argument("--seed", type=int, default=0, help="seed for --example and torch (default 0)")
+    p.add_argument("--out", type=Path, default=Path("lossscale-diagnosis"), metavar="DIR",
+                   help="output folder (default ./lossscale-diagnosis)")
+    p.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True, help="write PNG figures")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
+    p.set_defaults(func=run)
+
+
+def _load_factory(spec: str) -> Callable[[], Any]:
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise CLIError(f"--model must look like PACKAGE.MODULE:FACTORY, got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:  # noqa: BLE001 - any import failure is the user's to fix: one line
+        raise CLIError(f"--model: cannot import {module_name!r}: {type(err).__name__}: {err}") from None
+    factory = getattr(module, attr, None)
+    if factory is None or not callable(factory):
+        raise CLIError(f"--model: {module_name!r} has no callable {attr!r}")
+    return factory  # type: ignore[no-any-return]
+
+
+def _check_triple(obj: Any, where: str) -> tuple[Any, Callable[..., Any], Iterable[Any]]:
+    import torch
+
+    if not isinstance(obj, (tuple, list)) or len(obj) != 3:
+        raise CLIError(f"{where} must return (model, loss_fn, batches), got {type(obj).__name__}")
+    model, loss_fn, batches = obj
+    if not isinstance(model, torch.nn.Module):
+        raise CLIError(f"{where} returned a model that is not a torch.nn.Module: {type(model).__name__}")
+    if not callable(loss_fn):
+        raise CLIError(f"{where} returned a loss_fn that is not callable: {type(loss_fn).__name__}")
+    if not isinstance(batches, Iterable):
+        raise CLIError(f"{where} returned batches that are not iterable: {type(batches).__name__}")
+    return model, loss_fn, batches
+
+
+def _parse_formats(text: str) -> list[FloatFormat]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise CLIError("--formats must name at least one format, e.g. bf16,fp16,e5m2")
+    try:
+        fmts = [FloatFormat.parse(n) for n in names]
+    except (ValueError, TypeError) as err:
+        raise CLIError(f"--formats: {err}") from None
+    if len({f.name for f in fmts}) != len(fmts):
+        raise CLIError(f"--formats must not repeat a format, got {text!r}")
+    return fmts
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    fmts = _parse_formats(args.formats)
+    if args.steps < 1:
+        raise CLIError(f"--steps must be >= 1, got {args.steps}")
+    if not 0.0 <= args.threshold < 1.0:
+        raise CLIError(f"--threshold must be in [0, 1), got {args.threshold}")
+    torch.manual_seed(args.seed)
+    if args.example is not None:
+        from ..study.tasks import example  # the study sits above diagnose: imported only here
+
+        model, loss_fn, batches = _check_triple(example(args.example, seed=args.seed), f"example {args.example!r}")
+        source = f"example:{args.example}"
+    else:
+        factory = _load_factory(args.model)
+        try:
+            got = factory()
+        except Exception as err:  # noqa: BLE001
+            raise CLIError(f"--model: {args.model} raised {type(err).__name__}: {err}") from None
+        model, loss_fn, batches = _check_triple(got, f"--model {args.model}")
+        source = args.model
+
+    try:
+        d = _run_with_progress(model, loss_fn, batches, fmts, args)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise CLIError(f"diagnosis failed: {type(err).__name__}: {err}") from None
+    d = dataclasses.replace(d, meta={**d.meta, "model": source, "seed": args.seed})
+
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "diagnosis.json").write_text(json.dumps(d.to_dict(), indent=2) + "\n")
+    (out / "diagnosis.md").write_text(d.to_markdown())
+    written = [out / "diagnosis.json", out / "diagnosis.md"]
+    if args.plots:
+        try:
+            from ..plots import save_all
+
+            written += save_all(d, out)
+        except ImportError as err:
+            print(f"note: no figures ({err})", file=sys.stderr)
+    _print_summary(d, source)
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def _run_with_progress(
+    model: Any, loss_fn: Callable[..., Any], batches: Iterable[Any], fmts: list[FloatFormat], args: argparse.Namespace
+) -> Diagnosis:
+    if not args.progress:
+        return diagnose(model, loss_fn, batches, formats=fmts, steps=args.steps, threshold=args.threshold)
+    try:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    except ImportError:  # the [cli] extra is optional
+        return diagnose(model, loss_fn, batches, formats=fmts, steps=args.steps, threshold=args.threshold)
+    with Progress(
+        TextColumn("measuring gradients"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=Console(stderr=True), transient=True,
+    ) as bar:
+        task = bar.add_task("steps", total=args.steps)
+        return diagnose(
+            model, loss_fn, batches, formats=fmts, steps=args.steps, threshold=args.threshold,
+            progress=lambda done, total: bar.update(task, completed=done),
+        )
+
+
+def _print_summary(d: Diagnosis, source: str) -> None:
+    header = ["format", "underflow", "subnormal", "overflow", "needs scaling", "recommended scale", "swamping"]
+    rows = []
+    for name, fd in d.formats.items():
+        rows.append([
+            name,
+            f"{fd.underflow_fraction:.3%}",
+            f"{fd.subnormal_fraction:.3%}",
+            f"{fd.overflow_fraction:.3%}",
+            "yes" if fd.needs_scaling else "no",
+            "none" if fd.recommended_scale is None else str(fd.recommended_scale),
+            "n/a" if fd.swamping_fraction is None else f"{fd.swamping_fraction:.2%}",
+        ])
+    title = f"Gradient diagnosis of {source}: {d.steps} FP32 steps, {d.numel:,} gradient values"
+    note = "FP32 reference: what rounding these gradients to each format WOULD do, at loss scale 1."
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+        print(title)
+        print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
+        for r in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
+        print(note)
+        for name, fd in d.formats.items():
+            print(f"{name}: {fd.recommendation}")
+        return
+    table = Table(title=title, caption=note)
+    for h in header:
+        table.add_column(h, justify="left" if h in ("format", "needs scaling", "recommended scale") else "right",
+                         no_wrap=True)
+    for r in rows:
+        table.add_row(*r)
+    console = Console(width=max(120, len(title) + 4))
+    console.print(table)
+    from rich.markup import escape
+
+    for name, fd in d.formats.items():
+        console.print(f"[bold]{name}[/bold]: {escape(fd.recommendation)}", highlight=False)

@@ -1,0 +1,644 @@
+"""Does this model, in this format, lose gradients, and what should be done about it?
+
+:func:`diagnose` trains a copy of the model for a few steps in FP32 under a :class:`GradientMonitor` sampling
+every step, then answers per format (Micikevicius et al. 2018, arXiv:1710.03740, Fig. 3 asks the same
+question of one histogram):
+
+    underflow_fraction   #(g != 0 that round to 0 in F) / #(all gradient elements), weights and activations
+    needs_scaling        underflow_fraction at scale 1 > threshold
+    recommended_scale    [2^lo, 2^hi]: every power-of-two loss scale s with
+                           #(g != 0 : round_F(s*g) == 0) / #g <= threshold     (lo: the smallest such s)
+                           and max|g| * s rounds to a finite value in F       (hi: the largest such s)
+                         or None when lo > hi (no single scale does both) or FP32 gradients were not finite
+    swamping_fraction    #(updates lost when weights are stored in F) / #(nonzero updates)
+
+The underflow count at scale ``2^k`` comes from the ``ceil(log2|g|)`` histogram: bin ``c`` holds
+``2^(c-1) < |g| <= 2^c``, and for a format with subnormals ``g`` underflows exactly when ``|g| * 2^k <=
+min_subnormal / 2`` (a power of two), i.e. when ``c <= log2(min_subnormal) - 1 - k``: exact. For a format
+that flushes subnormals the threshold ``min_normal - min_subnormal / 2`` is inside a bin, which is then
+counted as underflowing: an upper bound, so the recommendation stays safe. Overflow at ``2^k`` is exact from
+the largest ``|g|``. The Adaptive Loss Scaling paper (Zhao et al., arXiv:1910.12385) uses the same 1e-3
+underflow target per layer.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .formats import FloatFormat, FormatLike
+from .monitor import HIST_MIN_LOG2, Columns, GradientMonitor, MonitorStats, thresholds
+
+__all__ = [
+    "DEFAULT_STEPS",
+    "SCHEMA_VERSION",
+    "SOURCE_NOTES",
+    "Diagnosis",
+    "FormatDiagnosis",
+    "LayerDiagnosis",
+    "ScaleInterval",
+    "diagnose",
+    "recommend_scale",
+    "underflow_count_at",
+]
+
+SCHEMA_VERSION = 1
+DEFAULT_STEPS = 8
+# Loss scales considered: powers of two that are normal FP32 numbers.
+_LOG2_RANGE = (-126, 127)
+
+SOURCE_NOTES = {
+    "fp32": (
+        "FP32 reference: the format columns say what rounding these FP32 gradients to each format WOULD do "
+        "at the loss scale in use (scale 1 unless stated)"
+    ),
+    "emulated": (
+        "emulated low-precision run: the gradients were already rounded, so the format columns describe "
+        "already-rounded values; the emulation's rounding-site counters (what really underflowed) are under "
+        "'emulation'"
+    ),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The functional core: from a histogram to a recommendation
+
+
+def _zero_bin(fmt: FloatFormat) -> tuple[int, bool]:
+    """Highest ceil(log2) bin that underflows to zero in fmt at scale 1, and whether that is exact."""
+    t = thresholds(fmt).zero
+    if t <= 0.0:
+        return HIST_MIN_LOG2 - 1, True
+    c = math.ceil(math.log2(t))
+    return c, math.ldexp(1.0, c) == t
+
+
+def underflow_count_at(hist: np.ndarray, fmt: FormatLike, log2_scale: int) -> float:
+    """Number of nonzero finite values (histogram of ``ceil(log2|g|)`` from ``HIST_MIN_LOG2``) that round to 0
+    in ``fmt`` once multiplied by ``2^log2_scale``.
+
+    Exact for formats with subnormals, except for values in the lowest bin, which also holds every FP32
+    subnormal (down to 2^-149): that bin counts as underflowing as soon as its smallest possible value would.
+    For formats that flush subnormals the bin holding the threshold counts as underflowing. So the count is
+    exact or an upper bound, never an underestimate.
+    """
+    fmt = FloatFormat.parse(fmt)
+    z, _ = _zero_bin(fmt)
+    h = np.asarray(hist)
+    last = z - log2_scale - HIST_MIN_LOG2  # bins 0..last underflow
+    count = float(h[1 : last + 1].sum()) if last >= 1 else 0.0
+    if -149 + log2_scale <= z:  # the lowest bin's smallest possible member, 2^-149, would underflow
+        count += float(h[0])
+    return count
+
+
+def _fits(max_abs: float, fmt: FloatFormat, log2_scale: int) -> bool:
+    # max_abs is an FP32 value; times a power of two it is exact in FP64.
+    return math.ldexp(max_abs, log2_scale) <= thresholds(fmt).finite
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaleInterval:
+    """Power-of-two loss scales ``2^log2_min .. 2^log2_max`` (inclusive)."""
+
+    log2_min: int
+    log2_max: int
+
+    def __post_init__(self) -> None:
+        if self.log2_min > self.log2_max:
+            raise ValueError(f"log2_min must be <= log2_max, got {self.log2_min} > {self.log2_max}")
+
+    @property
+    def min(self) -> float:
+        return math.ldexp(1.0, self.log2_min)
+
+    @property
+    def max(self) -> float:
+        return math.ldexp(1.0, self.log2_max)
+
+    def __contains__(self, scale: object) -> bool:
+        return isinstance(scale, (int, float)) and self.min <= scale <= self.max
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {"min": self.min, "max": self.max, "log2_min": self.log2_min, "log2_max": self.log2_max}
+
+    def __str__(self) -> str:
+        return f"[2^{self.log2_min}, 2^{self.log2_max}]"
+
+
+def recommend_scale(
+    hist: np.ndarray,
+    numel: float,
+    max_abs: float,
+    fmt: FormatLike,
+    threshold: float,
+    *,
+    finite: bool = True,
+    log2_range: tuple[int, int] = _LOG2_RANGE,
+) -> ScaleInterval | None:
+    """The power-of-two loss scales that keep ``underflow / numel <= threshold`` and nothing overflowing.
+
+    Args:
+        hist: counts of ``ceil(log2|g|)`` for nonzero finite gradients, bin 0 = ``HIST_MIN_LOG2``.
+        numel: all gradient elements (zeros included): the denominator of the underflow fraction.
+        max_abs: the largest finite ``|g|``.
+        fmt: the format.
+        threshold: largest acceptable underflow fraction.
+        finite: False when some FP32 gradient was inf or NaN: no scale helps then (returns None).
+        log2_range: exponents considered (default: scales that are normal FP32 numbers).
+
+    Returns None when no scale does both. Pure function of its arguments.
+
+    Example:
+        >>> import numpy as np
+        >>> from lossscale.diagnose import recommend_scale
+        >>> from lossscale.monitor import HIST_MIN_LOG2
+        >>> hist = np.zeros(255); hist[-30 - HIST_MIN_LOG2] = 10      # ten gradients in (2^-31, 2^-30]
+        >>> str(recommend_scale(hist, 10, 2.0**-30, "fp16", 1e-3))  # 2^-30 * s must exceed 2^-25, stay <= 65504
+        '[2^6, 2^45]'
+    """
+    fmt = FloatFormat.parse(fmt)
+    if not finite or numel <= 0:
+        return None
+    lo_k, hi_k = log2_range
+    lo = next(
+        (k for k in range(lo_k, hi_k + 1) if underflow_count_at(hist, fmt, k) <= threshold * numel), None
+    )
+    hi = next((k for k in range(hi_k, lo_k - 1, -1) if _fits(max_abs, fmt, k)), None)
+    if lo is None or hi is None or lo > hi:
+        return None
+    return ScaleInterval(lo, hi)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The result
+
+
+def _frac(num: float, den: float) -> float:
+    return float(num / den) if den > 0 else 0.0
+
+
+def _opt_float(x: float) -> float | None:
+    return None if not math.isfinite(x) else float(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class FormatDiagnosis:
+    """The verdict for one format. Fractions are over all gradient elements of the sampled steps."""
+
+    name: str
+    underflow_fraction: float
+    subnormal_fraction: float
+    overflow_fraction: float
+    needs_scaling: bool
+    recommended_scale: ScaleInterval | None
+    swamping_fraction: float | None
+    weight: Mapping[str, float]
+    activation: Mapping[str, float]
+    recommendation: str
+    recommended_scale_exact: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "underflow_fraction": self.underflow_fraction,
+            "overflow_fraction": self.overflow_fraction,
+            "subnormal_fraction": self.subnormal_fraction,
+            "needs_scaling": self.needs_scaling,
+            "recommended_scale": None if self.recommended_scale is None else self.recommended_scale.to_dict(),
+            "recommended_scale_exact": self.recommended_scale_exact,
+            "swamping_fraction": self.swamping_fraction,
+            "weight": dict(self.weight),
+            "activation": dict(self.activation),
+            "recommendation": self.recommendation,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerDiagnosis:
+    """One monitored gradient: a parameter's (``kind="weight"``) or a leaf module output's
+    (``kind="activation"``), summed over the sampled steps."""
+
+    name: str
+    kind: str
+    numel: int
+    zeros: int
+    max_abs: float
+    min_abs_nonzero: float | None
+    formats: Mapping[str, Mapping[str, float | None]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "numel": self.numel,
+            "zeros": self.zeros,
+            "max_abs": self.max_abs,
+            "min_abs_nonzero": self.min_abs_nonzero,
+            "formats": {k: dict(v) for k, v in self.formats.items()},
+        }
+
+
+def _region_fractions(row: np.ndarray, cols: Columns, f: int) -> dict[str, float]:
+    n = row[cols.NUMEL]
+    return {
+        "underflow_fraction": _frac(row[cols.underflow(f)], n),
+        "subnormal_fraction": _frac(row[cols.subnormal(f)], n),
+        "overflow_fraction": _frac(row[cols.overflow(f)], n),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class Diagnosis:
+    """What :func:`diagnose` found; :meth:`to_dict` is the documented JSON shape (``docs/diagnostics.md``).
+
+    Attributes:
+        formats: per format name, the :class:`FormatDiagnosis`.
+        layers: per monitored gradient, a :class:`LayerDiagnosis`.
+        threshold: the acceptable underflow (and swamping) fraction.
+        steps: sampled steps the statistics cover.
+        source: ``"fp32"`` or ``"emulated"`` (see ``SOURCE_NOTES``).
+        numel, zeros, nonfinite: over all gradient elements.
+        hist_weight, hist_activation: counts of ``ceil(log2|g|)`` from ``HIST_MIN_LOG2`` (nonzero finite).
+        meta: run description (optimizer, torch version, device, ...).
+    """
+
+    formats: Mapping[str, FormatDiagnosis]
+    layers: tuple[LayerDiagnosis, ...]
+    threshold: float
+    steps: int
+    source: str
+    numel: int
+    zeros: int
+    nonfinite: int
+    max_abs: float
+    hist_weight: np.ndarray
+    hist_activation: np.ndarray
+    meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    emulation: Mapping[str, Any] | None = None
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def hist(self) -> np.ndarray:
+        return np.asarray(self.hist_weight + self.hist_activation)
+
+    def format(self, name: FormatLike) -> FormatDiagnosis:
+        return self.formats[FloatFormat.parse(name).name]
+
+    @classmethod
+    def from_stats(
+        cls, stats: MonitorStats, *, threshold: float = 1e-3, meta: Mapping[str, Any] | None = None
+    ) -> Diagnosis:
+        """Summarise a monitor's totals (host-side numpy; no device work)."""
+        _check_threshold(threshold)
+        cols = stats.columns
+        everything = stats.kind_total(None)
+        w_row = stats.kind_total("weight")
+        a_row = stats.kind_total("activation")
+        numel = everything[cols.NUMEL]
+        nonfinite = int(everything[cols.INF] + everything[cols.NAN])
+        hist = everything[cols.hist]
+        max_abs = float(everything[cols.MAX_ABS])
+        finite_max = max_abs if math.isfinite(max_abs) else 0.0
+        formats: dict[str, FormatDiagnosis] = {}
+        for f, fmt in enumerate(stats.formats):
+            fr = _region_fractions(everything, cols, f)
+            needs = fr["underflow_fraction"] > threshold
+            interval = recommend_scale(hist, numel, finite_max, fmt, threshold, finite=nonfinite == 0)
+            updated = w_row[cols.updated]
+            swamp = _frac(w_row[cols.swamped(f)], updated) if updated > 0 else None
+            formats[fmt.name] = FormatDiagnosis(
+                name=fmt.name,
+                needs_scaling=needs,
+                recommended_scale=interval,
+                swamping_fraction=swamp,
+                weight=_region_fractions(w_row, cols, f),
+                activation=_region_fractions(a_row, cols, f),
+                recommendation=_recommend_text(fmt, fr, needs, interval, swamp, threshold, nonfinite),
+                recommended_scale_exact=bool(_zero_bin(fmt)[1] and hist[0] == 0),
+                **fr,
+            )
+        layers = []
+        for e, row in zip(stats.entries, stats.total, strict=False):
+            per: dict[str, dict[str, float | None]] = {}
+            for f, fmt in enumerate(stats.formats):
+                d: dict[str, float | None] = dict(_region_fractions(row, cols, f))
+                if e.kind == "weight":
+                    upd = row[cols.updated]
+                    d["swamping_fraction"] = _frac(row[cols.swamped(f)], upd) if upd > 0 else None
+                per[fmt.name] = d
+            layers.append(
+                LayerDiagnosis(
+                    name=e.name,
+                    kind=e.kind,
+                    numel=int(row[cols.NUMEL]),
+                    zeros=int(row[cols.ZEROS]),
+                    max_abs=float(row[cols.MAX_ABS]),
+                    min_abs_nonzero=_opt_float(float(row[cols.MIN_ABS])),
+                    formats=per,
+                )
+            )
+        return cls(
+            formats=formats,
+            layers=tuple(layers),
+            threshold=threshold,
+            steps=stats.sampled,
+            source=stats.source,
+            numel=int(numel),
+            zeros=int(everything[cols.ZEROS]),
+            nonfinite=nonfinite,
+            max_abs=max_abs,
+            hist_weight=w_row[cols.hist].copy(),
+            hist_activation=a_row[cols.hist].copy(),
+            meta=dict(meta or {}),
+            emulation=None
+            if stats.emulation is None
+            else {f"{site}|{fmt}": dict(v) for (site, fmt), v in stats.emulation.items()},
+        )
+
+    # -- output --------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (schema_version 1; documented in docs/diagnostics.md)."""
+        nz = np.nonzero(self.hist)[0]
+        first = int(nz[0]) if nz.size else 0
+        last = int(nz[-1]) + 1 if nz.size else 0
+        return {
+            "schema_version": self.schema_version,
+            "source": self.source,
+            "source_note": SOURCE_NOTES.get(self.source, ""),
+            "threshold": self.threshold,
+            "steps": self.steps,
+            "numel": self.numel,
+            "zeros": self.zeros,
+            "nonfinite": self.nonfinite,
+            "max_abs": self.max_abs,
+            "formats": {name: fd.to_dict() for name, fd in self.formats.items()},
+            "layers": [layer.to_dict() for layer in self.layers],
+            "histogram": {
+                "bins": "ceil(log2|g|): bin c counts nonzero finite gradients with 2^(c-1) < |g| <= 2^c",
+                "first_log2": first + HIST_MIN_LOG2,
+                "weight": [int(v) for v in self.hist_weight[first:last]],
+                "activation": [int(v) for v in self.hist_activation[first:last]],
+            },
+            "emulation": None if self.emulation is None else {k: dict(v) for k, v in self.emulation.items()},
+            "meta": dict(self.meta),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Diagnosis:
+        """Rebuild from :meth:`to_dict` output (as read back from ``diagnosis.json``)."""
+        if d.get("schema_version") != SCHEMA_VERSION:
+            raise ValueError(f"schema_version must be {SCHEMA_VERSION}, got {d.get('schema_version')!r}")
+        from .monitor import HIST_MAX_LOG2
+
+        nb = HIST_MAX_LOG2 - HIST_MIN_LOG2 + 1
+        h = d["histogram"]
+        off = int(h["first_log2"]) - HIST_MIN_LOG2
+        hw, ha = np.zeros(nb), np.zeros(nb)
+        hw[off : off + len(h["weight"])] = h["weight"]
+        ha[off : off + len(h["activation"])] = h["activation"]
+        formats = {}
+        for name, f in d["formats"].items():
+            rs = f["recommended_scale"]
+            formats[name] = FormatDiagnosis(
+                name=name,
+                underflow_fraction=f["underflow_fraction"],
+                subnormal_fraction=f["subnormal_fraction"],
+                overflow_fraction=f["overflow_fraction"],
+                needs_scaling=f["needs_scaling"],
+                recommended_scale=None if rs is None else ScaleInterval(rs["log2_min"], rs["log2_max"]),
+                swamping_fraction=f["swamping_fraction"],
+                weight=f["weight"],
+                activation=f["activation"],
+                recommendation=f["recommendation"],
+                recommended_scale_exact=f.get("recommended_scale_exact", True),
+            )
+        layers = tuple(
+            LayerDiagnosis(
+                name=x["name"], kind=x["kind"], numel=x["numel"], zeros=x["zeros"], max_abs=x["max_abs"],
+                min_abs_nonzero=x["min_abs_nonzero"], formats=x["formats"],
+            )
+            for x in d["layers"]
+        )
+        return cls(
+            formats=formats, layers=layers, threshold=d["threshold"], steps=d["steps"], source=d["source"],
+            numel=d["numel"], zeros=d["zeros"], nonfinite=d["nonfinite"], max_abs=d["max_abs"],
+            hist_weight=hw, hist_activation=ha, meta=d.get("meta", {}), emulation=d.get("emulation"),
+        )
+
+    def to_markdown(self) -> str:
+        """A human-readable report: the verdict per format, then the layers with the most underflow."""
+        lines = [
+            "# Gradient diagnosis",
+            "",
+            f"*Source: {SOURCE_NOTES.get(self.source, self.source)}.* "
+            f"{self.steps} sampled steps, {self.numel:,} gradient elements ({self.zeros:,} exactly zero in FP32"
+            + (f", {self.nonfinite:,} inf/NaN" if self.nonfinite else "")
+            + f"), threshold {self.threshold:g}.",
+            "",
+            "| format | underflow | subnormal | overflow | needs scaling | recommended scale | swamping |",
+            "|---|---:|---:|---:|---|---|---:|",
+        ]
+        for name, fd in self.formats.items():
+            rs = "none" if fd.recommended_scale is None else str(fd.recommended_scale)
+            sw = "n/a" if fd.swamping_fraction is None else f"{fd.swamping_fraction:.3%}"
+            lines.append(
+                f"| {name} | {fd.underflow_fraction:.3%} | {fd.subnormal_fraction:.3%} | "
+                f"{fd.overflow_fraction:.3%} | {'yes' if fd.needs_scaling else 'no'} | {rs} | {sw} |"
+            )
+        lines += ["", "## Recommendations", ""]
+        lines += [f"- **{name}**: {fd.recommendation}" for name, fd in self.formats.items()]
+        lines += ["", "## Layers (underflow fraction at scale 1)", ""]
+        names = list(self.formats)
+        lines.append("| layer | kind | elements | max abs | min nonzero abs | " + " | ".join(names) + " |")
+        lines.append("|---|---|---:|---:|---:|" + "---:|" * len(names))
+        for layer in self.layers:
+            mn = "-" if layer.min_abs_nonzero is None else f"{layer.min_abs_nonzero:.3g}"
+            cells = " | ".join(f"{float(layer.formats[n]['underflow_fraction'] or 0.0):.3%}" for n in names)
+            lines.append(
+                f"| {layer.name} | {layer.kind} | {layer.numel:,} | {layer.max_abs:.3g} | {mn} | {cells} |"
+            )
+        if self.emulation:
+            lines += ["", "## Emulation rounding-site counters (what the emulated run really rounded)", ""]
+            lines.append("| site | format | elements | underflow | overflow |")
+            lines.append("|---|---|---:|---:|---:|")
+            for key, v in self.emulation.items():
+                site, _, fmt = key.rpartition("|")
+                lines.append(f"| {site} | {fmt} | {v['elements']:,} | {v['underflow']:,} | {v['overflow']:,} |")
+        return "\n".join(lines) + "\n"
+
+
+def _clamp(k: int, interval: ScaleInterval) -> int:
+    return min(max(k, interval.log2_min), interval.log2_max)
+
+
+def _recommend_text(
+    fmt: FloatFormat,
+    fr: Mapping[str, float],
+    needs: bool,
+    interval: ScaleInterval | None,
+    swamp: float | None,
+    threshold: float,
+    nonfinite: int,
+) -> str:
+    parts: list[str] = []
+    u = fr["underflow_fraction"]
+    if nonfinite:
+        parts.append(
+            f"{nonfinite} FP32 gradient values are inf or NaN: no loss scale helps; fix the model or data first."
+        )
+    elif interval is None:
+        parts.append(
+            f"{u:.3%} of gradients underflow at scale 1 and no single power-of-two loss scale keeps underflow "
+            f"<= {threshold:g} without overflow: the gradients span more binades than {fmt.name} holds; use "
+            "per-layer (adaptive) loss scaling or a format with more exponent bits (bf16)."
+        )
+    elif needs:
+        parts.append(
+            f"loss scaling needed ({u:.3%} of gradients underflow at scale 1): a static scale in {interval} "
+            "keeps underflow within the threshold with no overflow"
+            + (
+                "; dynamic scaling starting at 2^16 is inside it."
+                if 16 in range(interval.log2_min, interval.log2_max + 1)
+                else f"; with dynamic scaling, start inside it (e.g. 2^{_clamp(16, interval)})."
+            )
+        )
+    elif fr["overflow_fraction"] > 0:
+        parts.append(
+            f"{fr['overflow_fraction']:.3%} of gradients overflow at scale 1: scale the loss down, into {interval}."
+        )
+    else:
+        parts.append(f"no loss scaling needed (underflow {u:.3%} <= {threshold:g}, no overflow).")
+    if swamp is not None and swamp > threshold:
+        parts.append(
+            f"{swamp:.2%} of nonzero weight updates would be lost with {fmt.name} weights: keep FP32 master "
+            "weights or use a compensated optimizer (Kahan summation or stochastic rounding; Zamirai et al. 2020)."
+        )
+    return " ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The driver
+
+
+def _check_threshold(threshold: object) -> None:
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold < 1.0:
+        raise ValueError(f"threshold must be a float in [0, 1), got {threshold!r}")
+
+
+def _batches(batches: Iterable[Any], steps: int) -> Iterable[Any]:
+    """``steps`` batches, cycling over a re-iterable collection that has fewer."""
+    got = 0
+    while got < steps:
+        it = iter(batches)
+        fresh = 0
+        for b in itertools.islice(it, steps - got):
+            fresh += 1
+            got += 1
+            yield b
+        if fresh == 0:
+            if got == 0:
+                raise ValueError("batches must yield at least one batch")
+            return
+        if it is batches:  # a one-shot iterator: it is exhausted
+            return
+
+
+def diagnose(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    batches: Iterable[Any],
+    *,
+    formats: Iterable[FormatLike] | str = ("bf16", "fp16", "e5m2"),
+    steps: int = DEFAULT_STEPS,
+    threshold: float = 1e-3,
+    optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None,
+    activations: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+) -> Diagnosis:
+    """Train a copy of ``model`` in FP32 for ``steps`` steps, measuring every gradient, and judge each format.
+
+    Algorithm::
+
+        reference = deepcopy(model).float();  opt = optimizer(reference.parameters())
+        monitor = GradientMonitor(reference, formats, every=1, optimizer=opt)
+        repeat steps times:  loss_fn(reference, next batch).backward();  opt.step();  zero_grad
+        return Diagnosis.from_stats(monitor.read(), threshold)        # the only host sync
+
+    Args:
+        model: left unchanged (a deep copy is trained).
+        loss_fn: ``loss_fn(model, batch) -> scalar loss tensor``.
+        batches: an iterable of batches; cycled when it holds fewer than ``steps`` (if re-iterable).
+        formats: formats to judge (default bf16, fp16, e5m2).
+        steps: training steps measured (default ``DEFAULT_STEPS`` = 8: seconds on a small model).
+        threshold: acceptable underflow fraction (default 1e-3, the Adaptive Loss Scaling target).
+        optimizer: factory ``params -> torch.optim.Optimizer`` for the steps (swamping depends on it);
+            default ``torch.optim.SGD(params, lr=0.01)``.
+        activations: also measure activation gradients (leaf module outputs).
+        progress: called as ``progress(done, steps)`` after each step.
+
+    Example:
+        >>> import torch
+        >>> from lossscale import diagnose
+        >>> torch.manual_seed(0) and None
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+        >>> data = [(torch.randn(32, 8), torch.randint(0, 2, (32,))) for _ in range(2)]
+        >>> loss_fn = lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1])
+        >>> d = diagnose(model, loss_fn, data, steps=4)
+        >>> d.format("fp16").needs_scaling, d.format("bf16").underflow_fraction
+        (False, 0.0)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    _check_threshold(threshold)
+    if optimizer is not None and not callable(optimizer):
+        raise TypeError("optimizer must be a callable params -> torch.optim.Optimizer, or None")
+
+    reference = copy.deepcopy(model).float().train()
+    params = [p for p in reference.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model has no parameters that require grad")
+    opt = optimizer(params) if optimizer is not None else torch.optim.SGD(params, lr=0.01)
+    if not isinstance(opt, torch.optim.Optimizer):
+        raise TypeError(f"optimizer factory must return a torch.optim.Optimizer, got {type(opt).__name__}")
+    monitor = GradientMonitor(reference, formats, every=1, optimizer=opt, activations=activations, history=1)
+    done = 0
+    try:
+        for batch in _batches(batches, steps):
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(reference, batch)
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                got = type(loss).__name__
+                if isinstance(loss, torch.Tensor):
+                    got = f"a tensor of shape {tuple(loss.shape)}"
+                raise TypeError(f"loss_fn must return a scalar loss tensor, got {got}")
+            loss.reshape(()).backward()  # type: ignore[no-untyped-call]
+            opt.step()
+            monitor.step()
+            done += 1
+            if progress is not None:
+                progress(done, steps)
+        stats = monitor.read()
+    finally:
+        monitor.remove()
+    meta = {
+        "optimizer": type(opt).__name__,
+        "optimizer_defaults": {k: v for k, v in opt.defaults.items() if isinstance(v, (int, float, bool, str))},
+        "formats": [f.name for f in monitor.formats],
+        "steps_requested": steps,
+        "activations": activations,
+        "torch_version": torch.__version__,
+        "device": str(params[0].device),
+    }
+    return Diagnosis.from_stats(stats, threshold=threshold, meta=meta)

@@ -1,0 +1,157 @@
+"""`lossscale diagnose`: files written, the table printed, and one clear line for each kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from lossscale.cli import main
+
+FACTORIES = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+
+    def _data(n_in):
+        g = torch.Generator().manual_seed(0)
+        return [(torch.randn(32, n_in, generator=g), torch.randint(0, 3, (32,), generator=g)) for _ in range(3)]
+
+
+    def _loss(m, b):
+        return nn.functional.cross_entropy(m(b[0]), b[1])
+
+
+    def deep():
+        torch.manual_seed(0)
+        layers = []
+        for i in range(30):
+            layers += [nn.Linear(16, 16), nn.Tanh()]
+        return nn.Sequential(*layers, nn.Linear(16, 3)), _loss, _data(16)
+
+
+    def shallow():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3)), _loss, _data(8)
+
+
+    def wrong_shape():
+        return nn.Linear(2, 2), _loss
+
+
+    def not_a_model():
+        return "model", _loss, []
+
+
+    def raises():
+        raise RuntimeError("no data here")
+
+
+    def bad_loss():
+        m, _, d = shallow()
+        return m, (lambda m, b: m(b[0])), d
+
+    NOT_CALLABLE = 3
+    """
+)
+
+
+@pytest.fixture
+def factories(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    pkg = tmp_path / "diagpkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "models.py").write_text(FACTORIES)
+    (pkg / "broken.py").write_text("import a_module_that_does_not_exist\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "diagpkg"
+
+
+def test_deep_model_writes_json_markdown_and_figures(
+    factories: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    argv = ["diagnose", "--model", f"{factories}.models:deep", "--steps", "2", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "│ fp16" in printed and "WOULD" in printed and "loss scaling needed" in printed
+    d = json.loads((out / "diagnosis.json").read_text())
+    assert d["schema_version"] == 1 and d["steps"] == 2 and d["source"] == "fp32"
+    assert d["formats"]["fp16"]["needs_scaling"] is True
+    assert d["formats"]["bf16"]["needs_scaling"] is False
+    assert d["meta"]["model"] == f"{factories}.models:deep"
+    assert (out / "diagnosis.md").read_text().startswith("# Gradient diagnosis")
+    for png in ("gradient_histogram.png", "layer_underflow.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_formats_flag_and_progress_bar(factories: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "o2"
+    argv = ["diagnose", "--model", f"{factories}.models:shallow", "--steps", "1", "--formats", "fp16,e4m3",
+            "--out", str(out), "--no-plots"]
+    assert main(argv) == 0
+    d = json.loads((out / "diagnosis.json").read_text())
+    assert list(d["formats"]) == ["fp16", "e4m3"]
+    assert d["formats"]["fp16"]["needs_scaling"] is False
+    assert not (out / "gradient_histogram.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ("diagpkg.models", "PACKAGE.MODULE:FACTORY"),
+        ("diagpkg.nothere:f", "cannot import 'diagpkg.nothere'"),
+        ("diagpkg.broken:f", "cannot import 'diagpkg.broken'"),
+        ("diagpkg.models:missing", "has no callable 'missing'"),
+        ("diagpkg.models:NOT_CALLABLE", "has no callable 'NOT_CALLABLE'"),
+        ("diagpkg.models:wrong_shape", "must return (model, loss_fn, batches)"),
+        ("diagpkg.models:not_a_model", "not a torch.nn.Module"),
+        ("diagpkg.models:raises", "raised RuntimeError: no data here"),
+        ("diagpkg.models:bad_loss", "scalar loss"),
+    ],
+)
+def test_bad_model_gets_one_clear_line(
+    factories: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], model: str, message: str
+) -> None:
+    assert main(["diagnose", "--model", model, "--steps", "1", "--out", str(tmp_path / "x"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lossscale diagnose: error: ") and message in err
+    assert len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--formats", "fp17"], "unknown format name 'fp17'"),
+        (["--formats", "fp16,half"], "must not repeat"),
+        (["--steps", "0"], "--steps must be >= 1"),
+        (["--threshold", "2"], "--threshold must be in [0, 1)"),
+    ],
+)
+def test_bad_options_get_one_clear_line(
+    factories: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    argv = ["diagnose", "--model", "diagpkg.models:shallow", "--out", str(tmp_path / "x"), *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_model_or_example_is_required(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["diagnose"])
+    with pytest.raises(SystemExit):
+        main(["diagnose", "--example", "resnet152"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_example_deep_mlp(tmp_path: Path) -> None:
+    out = tmp_path / "ex"
+    assert main(["diagnose", "--example", "deep-mlp", "--steps", "2", "--out", str(out), "--no-progress"]) == 0
+    d = json.loads((out / "diagnosis.json").read_text())
+    assert d["meta"]["model"] == "example:deep-mlp"
+    assert d["formats"]["fp16"]["needs_scaling"] is True and d["formats"]["bf16"]["underflow_fraction"] == 0.0
