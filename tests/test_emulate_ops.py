@@ -403,3 +403,15 @@ def test_weight_cache_respects_grad_mode() -> None:
             lin(x)
         lin(x).sum().backward()
     assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0
+
+
+def test_current_scaling_accepts_empty_tensors() -> None:
+    # An empty batch has no amax: its scale is 1 (nothing to scale), not an error from amax() deep inside.
+    scale, inv = current_scale(torch.zeros(0, 4), E4M3)
+    assert scale.item() == 1.0 and inv.item() == 1.0
+    lin = torch.nn.Linear(4, 3)
+    with lossscale.autocast("fp8-hybrid", emulate=True):
+        y = lin(torch.zeros(0, 4, requires_grad=True))
+    assert y.shape == (0, 3)
+    y.sum().backward()
+    assert lin.weight.grad is not None and torch.equal(lin.weight.grad, torch.zeros(3, 4))

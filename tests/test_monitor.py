@@ -388,6 +388,26 @@ def test_swamping_fraction_matches_brute_force() -> None:
     assert expected[:, 2].sum() < expected[:, 1].sum()  # fp16 keeps more small updates than bf16
 
 
+def test_swamping_sees_updates_of_non_contiguous_parameters() -> None:
+    # A channels_last convolution weight is not contiguous: a flattened view of it is a copy, which the
+    # optimizer step does not update. The new values must be read from the parameter itself.
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    assert not model[0].weight.is_contiguous()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = GradientMonitor(model, formats=("bf16",), every=1, optimizer=opt, activations=False)
+    old = [p.detach().clone() for p in model.parameters()]
+    model(torch.randn(2, 3, 8, 8)).square().sum().backward()
+    opt.step()
+    mon.step()
+    expected = [float((p.detach() != o).sum()) for p, o in zip(model.parameters(), old, strict=True)]
+    c = Columns(1)
+    got = mon.read().total[:, c.updated].tolist()
+    assert expected[0] > 100  # the conv weight did move (108 elements)
+    assert got == expected
+
+
 def test_no_host_sync_until_read(monkeypatch: pytest.MonkeyPatch) -> None:
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -137,6 +137,23 @@ def test_bad_input_types_and_formats() -> None:
         opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], "compensation": "nope"})
 
 
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda p: AdamW(p, betas=0.9), "betas"),
+        (lambda p: AdamW(p, betas=("0.9", 0.999)), "betas"),
+        (lambda p: Adam(p, eps="1e-8"), "eps"),
+        (lambda p: AdamW(p, weight_decay="0.1"), "weight_decay"),
+        (lambda p: SGD(p, momentum="0.9"), "momentum"),
+        (lambda p: SGD(p, dampening=None), "dampening"),
+    ],
+)
+def test_wrong_types_raise_type_error_naming_the_argument(make: Any, match: str) -> None:
+    # Not a bare "'<' not supported between 'str' and 'float'" from deep inside the checks.
+    with pytest.raises(TypeError, match=match):
+        make([torch.nn.Parameter(torch.ones(2))])
+
+
 # ------------------------------------------------------------------------------------------------------
 # Updates below BF16 resolution: negative control, Kahan tracks FP32, SR within a statistical band
 
@@ -613,3 +630,60 @@ def test_fp16_weights(compensation: str, moves: bool) -> None:
         assert moved == pytest.approx(0.02, abs=2.0**-11)
     else:
         assert moved == 0.0
+
+
+# ------------------------------------------------------------------------------------------------------
+# load_state_dict: atomic on failure; torch.optim state migrates without per-step host syncs
+
+
+def test_failed_load_leaves_the_optimizer_unchanged() -> None:
+    w = torch.nn.Parameter(torch.ones(8, dtype=torch.bfloat16))
+    opt = AdamW([w], lr=1e-2, compensation="stochastic", seed=5)
+    w.grad = torch.full_like(w, 0.5)
+    opt.step()
+    old = opt.state_dict()
+    old["lossscale"]["version"] = 99  # from a newer lossscale
+    w.grad = torch.full_like(w, -0.25)
+    opt.step()
+    before = io.BytesIO()
+    torch.save(opt.state_dict(), before)
+    with pytest.raises(ValueError, match="version"):
+        opt.load_state_dict(old)
+    after = io.BytesIO()
+    torch.save(opt.state_dict(), after)
+    assert opt.state[w]["step"] == 2
+    assert before.getvalue() == after.getvalue()  # state, groups and generators untouched
+    broken = opt.state_dict()
+    broken["lossscale"] = {"version": 1, "rng": {"seed": "x", "states": {}}}
+    with pytest.raises(ValueError, match="rng"):
+        opt.load_state_dict(broken)
+    assert opt.state[w]["step"] == 2
+
+
+@pytest.mark.parametrize("ours, theirs", [(AdamW, torch.optim.AdamW), (Adam, torch.optim.Adam)])
+def test_torch_optim_state_dict_migrates_with_python_int_steps(ours: Any, theirs: Any) -> None:
+    # torch.optim keeps "step" as a tensor; a tensor step would make every later step() read it back to the
+    # host (float(step): a sync per step) and drift from the Python-int layout our state_dict documents.
+    gen = torch.Generator().manual_seed(3)
+    w0 = _randn((6,), gen)
+    grads = [_randn((6,), gen) for _ in range(4)]
+    ref_w = torch.nn.Parameter(w0.clone())
+    ref = theirs([ref_w], lr=1e-2, foreach=False)
+    for g in grads:
+        ref_w.grad = g.clone()
+        ref.step()
+    w = torch.nn.Parameter(w0.clone())
+    src = theirs([w], lr=1e-2, foreach=False)
+    for g in grads[:2]:
+        w.grad = g.clone()
+        src.step()
+    opt = ours([w], lr=1e-2, foreach=False)
+    opt.load_state_dict(src.state_dict())
+    assert type(opt.state[w]["step"]) is int and opt.state[w]["step"] == 2
+    group = opt.param_groups[0]  # torch's groups lack our options: they take our defaults, normalised
+    assert (group["compensation"], group["weight_format"], group["state_dtype"]) == (None, None, "float32")
+    for g in grads[2:]:
+        w.grad = g.clone()
+        opt.step()
+    assert type(opt.state[w]["step"]) is int
+    assert torch.equal(w, ref_w)  # and the migrated run continues bit for bit

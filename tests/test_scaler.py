@@ -757,6 +757,10 @@ def test_call_order_errors() -> None:
         (torch.tensor([1.0, 2.0]), TypeError),
         (torch.tensor(math.nan), ValueError),
         (torch.tensor(2.0, requires_grad=True), TypeError),
+        # Finite in FP64 but not an FP32 scale: 1e39 would overflow the FP32 scale tensor, 1e-50 flush to 0.
+        (1e39, ValueError),
+        (1e-50, ValueError),
+        (torch.tensor(1e39, dtype=torch.float64), ValueError),
     ],
 )
 def test_update_new_scale_rejects(value: Any, exc: type[Exception]) -> None:
@@ -804,10 +808,13 @@ def _bad_state_dicts() -> list[tuple[str, Callable[[dict[str, Any]], Any], type[
         ("format", edit(("format",), "other"), ValueError, "format"),
         ("extra-key", edit(("extra",), 1), ValueError, "keys"),
         ("kind", edit(("config", "kind"), "adaptive"), ValueError, "kind"),
+        ("kind-unhashable", edit(("config", "kind"), ["dynamic"]), ValueError, "kind"),
         ("config-value", edit(("config", "growth_factor"), 0.5), ValueError, "growth_factor"),
         ("config-missing", edit(("config", "hysteresis"), KeyError), ValueError, "hysteresis"),
         ("state-missing", edit(("state", "steps"), KeyError), ValueError, "steps"),
         ("state-scale", edit(("state", "scale"), math.nan), ValueError, "scale"),
+        # Finite, but overflows the FP32 scale tensor (else scale() fails later, deep inside torch).
+        ("state-scale-fp32", edit(("state", "scale"), 1e39), ValueError, "scale"),
         ("state-type", edit(("state", "skipped_steps"), 1.5), TypeError, "skipped_steps"),
         ("tracker-range", edit(("state", "growth_tracker"), 5), ValueError, "growth_tracker"),
         ("hysteresis-range", edit(("state", "hysteresis_tracker"), 3), ValueError, "hysteresis_tracker"),
@@ -834,6 +841,18 @@ def _bad_state_dicts() -> list[tuple[str, Callable[[dict[str, Any]], Any], type[
                 "_growth_tracker": 0,
             },
             TypeError,
+            "scale",
+        ),
+        (
+            "torch-scale-fp32",
+            lambda sd: {
+                "scale": 1e39,
+                "growth_factor": 2.0,
+                "backoff_factor": 0.5,
+                "growth_interval": 5,
+                "_growth_tracker": 0,
+            },
+            ValueError,
             "scale",
         ),
     ]

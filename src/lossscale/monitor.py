@@ -836,9 +836,12 @@ class GradientMonitor:
             return
         c = self._cols
         n_rows = len(self.entries)
-        for chunk, old in self._snap:
+        # Re-read the parameters (packed exactly as before the step): a flattened non-contiguous parameter
+        # (e.g. a channels_last convolution weight) is a copy, which the step did not update.
+        fresh = _pack(self._swamp_pieces(optimizer))
+        for (chunk, old), now in zip(self._snap, fresh, strict=True):
             dev = old.device
-            new = torch.cat([t.float() for _, t in chunk])  # same views: the parameters' new values
+            new = torch.cat([t.float() for _, t in now])
             counts = _swamping_counts(old, new, self._segments(chunk, dev)[0], n_rows, self.config.formats)
             buf = self._table(dev)
             buf[:, c.updated :] += counts.to(buf.device, non_blocking=True)

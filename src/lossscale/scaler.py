@@ -32,6 +32,7 @@ from .scaling import (
     ScalingConfig,
     ScalingState,
     StaticScaling,
+    _fp32,
     config_from_dict,
     config_kind,
     config_to_dict,
@@ -647,7 +648,11 @@ class LossScaler:
             raise TypeError(f"new_scale must be a float or a 1-element tensor, got {type(new_scale).__name__}")
         if not (math.isfinite(value) and value > 0.0):
             raise ValueError(f"new_scale must be positive and finite, got {value!r}")
-        return torch.full((), value, dtype=torch.float32, device=device)
+        value32 = _fp32(value)  # the FP32 value the scale tensor will hold (host-side, no sync)
+        if not (math.isfinite(value32) and value32 > 0.0):
+            # The scale is an FP32 tensor: 1e39 would overflow it (a RuntimeError deep in torch), 1e-50 flush to 0.
+            raise ValueError(f"new_scale must be representable in FP32 (2^-149 .. 3.40282e+38), got {value!r}")
+        return torch.full((), value32, dtype=torch.float32, device=device)
 
     # ------------------------------------------------------------------------------------------------------
     # Checkpointing

@@ -245,7 +245,7 @@ def config_from_dict(data: dict[str, Any]) -> ScalingConfig:
     if not isinstance(data, dict):
         raise TypeError(f"scaling config must be a dict, got {type(data).__name__}")
     kind = data.get("kind")
-    if kind not in _KINDS:
+    if not isinstance(kind, str) or kind not in _KINDS:  # (a list would raise "unhashable" from the lookup)
         raise ValueError(f"scaling config 'kind' must be one of {sorted(_KINDS)}, got {kind!r}")
     cls = _KINDS[kind]
     names = {f.name for f in dataclasses.fields(cls)}
@@ -296,6 +296,12 @@ class PyScalingState:
         # A long run of overflows may drive the scale to 0 (torch lets it); that state must stay readable.
         if not (math.isfinite(self.scale) and self.scale >= 0.0):
             raise ValueError(f"scale must be finite and >= 0, got {self.scale!r}")
+        if not math.isfinite(_fp32(self.scale)) or (self.scale > 0.0 and _fp32(self.scale) == 0.0):
+            # The scale is materialised as an FP32 tensor: refuse here what would overflow it (a RuntimeError
+            # deep inside torch.full later) or silently flush to 0.
+            raise ValueError(
+                f"scale must be representable in FP32 (0 or 2^-149 .. {_FP32_MAX:.6g}), got {self.scale!r}"
+            )
         for f in dataclasses.fields(self):
             if f.name != "scale":
                 _check_int(f.name, getattr(self, f.name), 0)

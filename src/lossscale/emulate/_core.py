@@ -46,6 +46,9 @@ def current_scale(x: torch.Tensor, fmt: FloatFormat) -> tuple[torch.Tensor, torc
     Transformer Engine's current scaling uses ``max / amax`` (margin 0); a power of two keeps scaling and
     unscaling exact, so the only error is the rounding itself. Does not synchronise.
     """
+    if x.numel() == 0:  # no amax to take (amax() of an empty tensor raises); nothing to scale
+        one = torch.ones((), dtype=x.dtype, device=x.device)
+        return one, one
     amax = x.detach().abs().amax().float()
     ok = torch.isfinite(amax) & (amax > 0)
     safe = torch.where(ok, amax, torch.ones_like(amax))

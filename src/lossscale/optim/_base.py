@@ -12,7 +12,7 @@ from torch import Tensor
 from ..formats import FloatFormat, FormatLike
 from .compensation import COMPENSATIONS, StochasticRoundingRNG, resolve_compensation, weight_format_of
 
-__all__ = ["CompensatedOptimizer", "parse_state_dtype", "STATE_DTYPES"]
+__all__ = ["CompensatedOptimizer", "check_number", "parse_state_dtype", "STATE_DTYPES"]
 
 STATE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _STATE_DTYPE_ALIASES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16"}
@@ -36,15 +36,20 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return "float32" if dtype == torch.float32 else "bfloat16"
 
 
+def check_number(name: str, value: object) -> float:
+    """``value`` if it is a real number (not a bool), else a ``TypeError`` naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
+    return value
+
+
 def check_common(lr: object, weight_decay: object, compensation: object, foreach: object) -> None:
     """Argument checks shared by every optimizer (torch.optim's messages where torch has one)."""
     if isinstance(lr, Tensor):
         raise TypeError("lr must be a Python float: a tensor lr would need a host sync every step")
-    if not isinstance(lr, (int, float)) or isinstance(lr, bool):
-        raise TypeError(f"lr must be a float, got {type(lr).__name__}")
-    if not 0.0 <= lr:
+    if not 0.0 <= check_number("lr", lr):
         raise ValueError(f"Invalid learning rate: {lr}")
-    if not isinstance(weight_decay, (int, float)) or not 0.0 <= weight_decay:
+    if not 0.0 <= check_number("weight_decay", weight_decay):
         raise ValueError(f"Invalid weight_decay value: {weight_decay}")
     if compensation is not None and compensation not in COMPENSATIONS:
         raise ValueError(f"compensation must be one of {COMPENSATIONS} or None, got {compensation!r}")
@@ -76,7 +81,10 @@ class CompensatedOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (torch.optim's method) after checking its lossscale options against its tensors."""
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
+        self._check_group(self.param_groups[-1])
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        """Validate a group's lossscale options against its tensors and normalise them to plain data."""
         check_common(group["lr"], group["weight_decay"], group["compensation"], group["foreach"])
         fmt_arg = group["weight_format"]
         if fmt_arg is not None:
@@ -108,17 +116,39 @@ class CompensatedOptimizer(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict from :meth:`state_dict`, keeping each state tensor's dtype.
+        """Load a state dict from :meth:`state_dict` (or from the same ``torch.optim`` class), keeping each
+        state tensor's dtype. Validates the lossscale part first: on a malformed dict it raises and the
+        optimizer is left unchanged.
 
         torch.optim casts floating-point state to its parameter's dtype on load, which would turn FP32
         moments of BF16 weights into BF16 (losing bits) and BF16 states of FP32 weights into FP32; we restore
-        the saved dtype after torch's load, so a round trip is bit-exact.
+        the saved dtype after torch's load, so a round trip is bit-exact. A ``step`` saved as a tensor (as
+        ``torch.optim`` saves it) is read once here into the Python int we keep, so that later steps do not
+        read it back from the device (a host sync per step).
         """
         state_dict = dict(state_dict)
         extra = state_dict.pop("lossscale", None)
+        rng: StochasticRoundingRNG | None = None
+        if extra is not None:
+            version = extra.get("version") if isinstance(extra, dict) else None
+            if version != STATE_FORMAT_VERSION:
+                raise ValueError(
+                    f"unsupported lossscale optimizer state version {version!r}; "
+                    f"this version reads {STATE_FORMAT_VERSION}"
+                )
+            rng = StochasticRoundingRNG.from_state_dict(extra.get("rng"))
         saved_groups = state_dict["param_groups"]
         saved_state = state_dict["state"]
+        # A torch.optim state dict lacks our options (compensation, weight_format, state_dtype, ...): they take
+        # this optimizer's defaults, as torch's own __setstate__ does for options it adds over time. Checked on
+        # copies first, so that a bad group raises before anything is loaded.
+        for saved, current in zip(saved_groups, self.param_groups, strict=False):
+            self._check_group({**self.defaults, **saved, "params": current["params"]})
         super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+            self._check_group(group)
         id_map = dict(
             zip(
                 itertools.chain.from_iterable(g["params"] for g in saved_groups),
@@ -131,15 +161,12 @@ class CompensatedOptimizer(torch.optim.Optimizer):
                 continue
             state = self.state[param]
             for key, value in saved_state[saved_id].items():
-                if isinstance(value, Tensor) and value.is_floating_point():
+                if key == "step" and isinstance(value, Tensor):
+                    state[key] = int(value.item())  # once, at load time (see above)
+                elif isinstance(value, Tensor) and value.is_floating_point():
                     state[key] = value.to(device=param.device, copy=True)
-        if extra is not None:
-            if extra.get("version") != STATE_FORMAT_VERSION:
-                raise ValueError(
-                    f"unsupported lossscale optimizer state version {extra.get('version')!r}; "
-                    f"this version reads {STATE_FORMAT_VERSION}"
-                )
-            self._rng.load_state_dict(extra["rng"])
+        if rng is not None:
+            self._rng = rng
 
     def _params_with_grad(self, group: dict[str, Any]) -> Iterable[Tensor]:
         for p in group["params"]:

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..formats import BF16, FormatLike
-from ._base import CompensatedOptimizer, check_common, reject_unsupported
+from ._base import CompensatedOptimizer, check_common, check_number, reject_unsupported
 from ._buckets import Bucket, GeneratorLike, Row, bucketize, bunch, generator_for, split_rows
 from .compensation import as_fp32, begin_update, finish_update_, resolve_compensation, store_rounded_
 
@@ -34,11 +34,15 @@ __all__ = ["Adam", "AdamW", "adam", "adamw"]
 
 
 def _check_adam(lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
-    # torch.optim.Adam's checks and messages.
-    if not 0.0 <= eps:
+    # torch.optim.Adam's checks and messages (plus a TypeError naming the argument for a wrong type).
+    if not 0.0 <= check_number("eps", eps):
         raise ValueError(f"Invalid epsilon value: {eps}")
+    if not isinstance(betas, (tuple, list)):
+        raise TypeError(f"betas must be a pair of floats (beta1, beta2), got {type(betas).__name__} {betas!r}")
     if len(betas) != 2:
         raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    for i, b in enumerate(betas):
+        check_number(f"betas[{i}]", b)
     if not 0.0 <= betas[0] < 1.0:
         raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
     if not 0.0 <= betas[1] < 1.0:

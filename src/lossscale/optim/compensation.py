@@ -261,14 +261,27 @@ class StochasticRoundingRNG:
         return {"seed": self.seed, "states": {k: g.get_state() for k, g in self._generators.items()}}
 
     def load_state_dict(self, state: dict[str, object]) -> None:
-        """Restore the seed and every saved generator's state."""
-        seed = state["seed"]
-        states = state["states"]
-        if not isinstance(seed, int) or not isinstance(states, dict):
-            raise ValueError("malformed stochastic-rounding RNG state: expected {'seed': int, 'states': dict}")
-        self.seed = seed
-        self._generators = {}
+        """Restore the seed and every saved generator's state (all or nothing: validated first)."""
+        loaded = StochasticRoundingRNG.from_state_dict(state)
+        self.seed, self._generators = loaded.seed, loaded._generators
+
+    @classmethod
+    def from_state_dict(cls, state: object) -> StochasticRoundingRNG:
+        """A new RNG from :meth:`state_dict` output; ``ValueError`` naming the problem if it is malformed."""
+        if not isinstance(state, dict):
+            raise ValueError(f"malformed stochastic-rounding rng state: expected a dict, got {type(state).__name__}")
+        seed = state.get("seed")
+        states = state.get("states")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0 or not isinstance(states, dict):
+            raise ValueError("malformed stochastic-rounding rng state: expected {'seed': int >= 0, 'states': dict}")
+        out = cls(seed)
         for key, value in states.items():
-            gen = torch.Generator(device=torch.device(key))
-            gen.set_state(value)
-            self._generators[key] = gen
+            if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8:
+                raise ValueError(f"malformed stochastic-rounding rng state for device {key!r}: expected a uint8 tensor")
+            try:
+                gen = torch.Generator(device=torch.device(key))
+                gen.set_state(value)
+            except (RuntimeError, ValueError) as e:
+                raise ValueError(f"malformed stochastic-rounding rng state for device {key!r}: {e}") from None
+            out._generators[key] = gen
+        return out

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..formats import BF16, FormatLike
-from ._base import CompensatedOptimizer, check_common, parse_state_dtype, reject_unsupported
+from ._base import CompensatedOptimizer, check_common, check_number, parse_state_dtype, reject_unsupported
 from ._buckets import Bucket, GeneratorLike, Row, bucketize, bunch, generator_for, split_rows
 from .compensation import as_fp32, begin_update, finish_update_, resolve_compensation, store_rounded_
 
@@ -32,8 +32,9 @@ __all__ = ["SGD", "sgd"]
 
 
 def _check_sgd(momentum: float, dampening: float, nesterov: bool) -> None:
-    # torch.optim.SGD's checks and messages.
-    if momentum < 0.0:
+    # torch.optim.SGD's checks and messages (plus a TypeError naming the argument for a wrong type).
+    check_number("dampening", dampening)
+    if check_number("momentum", momentum) < 0.0:
         raise ValueError(f"Invalid momentum value: {momentum}")
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
