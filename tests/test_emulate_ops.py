@@ -415,3 +415,33 @@ def test_current_scaling_accepts_empty_tensors() -> None:
     assert y.shape == (0, 3)
     y.sum().backward()
     assert lin.weight.grad is not None and torch.equal(lin.weight.grad, torch.zeros(3, 4))
+
+
+def test_default_on_a_cuda_machine_emulates_tensors_on_other_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    # emulate=None on a CUDA machine runs CUDA tensors under torch.autocast; a CPU model there must still be
+    # emulated, not silently left in FP32. No GPU here: pretend CUDA exists and record torch.autocast's use.
+    import contextlib
+
+    import lossscale
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 32)
+    x = torch.randn(16, 64)
+    with lossscale.autocast("bf16-mixed", emulate=True):
+        expected = lin(x)
+    entered: list[tuple[str, torch.dtype]] = []
+
+    @contextlib.contextmanager
+    def fake_autocast(device_type: str, dtype: torch.dtype):  # type: ignore[no-untyped-def]
+        entered.append((device_type, dtype))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch, "autocast", fake_autocast)
+    ac = lossscale.autocast("bf16-mixed")
+    assert not ac.emulated and ac.device_type == "cuda" and "emulated elsewhere" in repr(ac)
+    with ac:
+        got = lin(x)
+    assert entered == [("cuda", torch.bfloat16)]
+    assert torch.equal(got, expected)
+    assert not torch.equal(lin(x), expected)  # negative control: plain FP32 differs

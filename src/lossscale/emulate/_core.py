@@ -113,6 +113,9 @@ class Emulator:
         # result site rounds the (same-format) gradient anyway.
         self._one_format = self.compute == self.output == self.grad and not self.scaled
         self.counters = counters
+        # Set by autocast when torch.autocast runs this device type natively alongside the emulation (CUDA
+        # tensors native, tensors on other devices emulated): ops on it are left to torch.autocast.
+        self.native_device_type: str | None = None
         self.module_stack: list[str] = []
         # Like torch.autocast's cast cache: a leaf tensor that requires grad (a weight) is rounded once per
         # context, so that all its uses share one rounded copy and its gradient is rounded once.

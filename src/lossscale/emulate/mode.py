@@ -155,11 +155,21 @@ class _EmulationMode(TorchFunctionMode):
             handler = None
         if handler is None:
             return func(*args, **kwargs)
+        emu = local.stack[-1]
+        if emu.native_device_type is not None and _first_tensor_device_type(args) == emu.native_device_type:
+            return func(*args, **kwargs)  # torch.autocast handles this device natively
         local.busy += 1
         try:
-            return handler(local.stack[-1], func, args, kwargs)
+            return handler(emu, func, args, kwargs)
         finally:
             local.busy -= 1
+
+
+def _first_tensor_device_type(args: tuple[Any, ...]) -> str | None:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device.type
+    return None
 
 
 def _native_dtype(precision: Precision) -> torch.dtype | None:
@@ -204,8 +214,12 @@ class Autocast:
         self.counters = counters
         self.model = model
         dtype = _native_dtype(self.precision)
+        # emulate=None on a CUDA machine: torch.autocast runs CUDA tensors natively, and the emulation covers
+        # tensors on every other device (a CPU model on a GPU machine is emulated, not silently left FP32).
+        native_possible = dtype is not None and device_type == "cuda" and counters is None
+        self._hybrid = emulate is None and native_possible  # `emulated` stays False: the device is native
         if emulate is None:
-            emulate = not (dtype is not None and device_type == "cuda" and counters is None)
+            emulate = not native_possible
         if not emulate:
             if self.precision.is_fp32:
                 dtype = None
@@ -229,12 +243,16 @@ class Autocast:
         if self._depth:
             raise RuntimeError("this lossscale.autocast context is already active; create a new one to nest")
         self._depth = 1
-        if self.emulated and not self.precision.is_fp32:
+        if (self.emulated or self._hybrid) and not self.precision.is_fp32:
             emu = Emulator(self.precision, self.counters)
             self._emulator = emu
             _LOCAL.stack.append(emu)
             if self.model is not None:
                 self._install_hooks(self.model, emu)
+            if self._hybrid:
+                emu.native_device_type = self.device_type
+                self._native = torch.autocast(self.device_type, dtype=self._dtype)
+                self._native.__enter__()  # type: ignore[no-untyped-call]
             self._mode = _EmulationMode()
             self._mode.__enter__()  # type: ignore[no-untyped-call]
         else:
@@ -283,7 +301,9 @@ class Autocast:
             self._hooks.append(module.register_forward_hook(post))
 
     def __repr__(self) -> str:
-        mode = "emulated" if self.emulated else "native"
+        mode = f"native on {self.device_type}, emulated elsewhere" if self._hybrid else (
+            "emulated" if self.emulated else "native"
+        )
         return f"lossscale.autocast({self.precision.name!r}, {mode}, device_type={self.device_type!r})"
 
 
@@ -310,7 +330,8 @@ def autocast(
 
     Args:
         precision: a :class:`~lossscale.Precision` or preset name (``"bf16-mixed"``, ``"fp8-hybrid"``, ...).
-        emulate: None (native where fast: CUDA with bf16/fp16 and no counters; emulation elsewhere), True
+        emulate: None (native where fast: on a CUDA machine, for bf16/fp16 recipes without counters, CUDA
+            tensors run under torch.autocast and tensors on other devices are emulated), True
             (always emulate), False (require native ``torch.autocast``; ValueError if it cannot express the
             precision).
         counters: a :class:`RoundingCounters` that accumulates underflow/overflow per rounding site (emulation
