@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt scripts/setup.sh
 	touch $@
 
 run: setup
-	$(PY) -m lossscale formats
+	$(PY) -m lossscale study --quick --out $(OUT) --resume
 
 test: setup
 	$(PY) -m pytest -n 2 --dist loadgroup

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 # Subcommand modules, in the order `lossscale --help` lists them.
-_COMMANDS: tuple[str, ...] = ("formats",)
+_COMMANDS: tuple[str, ...] = ("formats", "study", "diagnose")
 
 _EPILOG = """\
 examples:

@@ -1,0 +1,226 @@
+"""``lossscale study``: the case studies (argument parsing only; the work is in :mod:`lossscale.study`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import time
+from typing import Any
+
+from . import CLIError
+
+_EPILOG = """\
+examples:
+  lossscale study --quick                          all four tasks, one seed, the quick configurations (< 10 min)
+  lossscale study                                  full mode: every configuration, 3 seeds (about 2 h on 2 cores)
+  lossscale study --quick --tasks deep-mlp --configs fp16-mixed:none,fp16-mixed:dynamic
+  lossscale study --out study-out --resume         continue an interrupted study
+configurations: fp32; bf16-mixed:none|static|dynamic; fp16-mixed:none|static|dynamic;
+  bf16-pure:none|kahan|stochastic; fp8-hybrid:none|dynamic ("all" = every one, "quick" = the quick set)
+"""
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "study",
+        help="train a CNN, an LSTM, a Transformer and a deep MLP under every precision and scaling strategy",
+        description=(
+            "Case studies: each task trained under FP32, BF16, FP16 and FP8 (emulated on CPU) with and without "
+            "loss scaling and optimizer compensation; writes results.json, report.md and report.html."
+        ),
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_const", const="quick", dest="mode",
+                      help="small budgets, one seed, the quick configuration set (under 10 minutes on 2 cores)")
+    mode.add_argument("--full", action="store_const", const="full", dest="mode",
+                      help="larger budgets, every configuration, 3 seeds (the default)")
+    mode.add_argument("--tiny", action="store_const", const="tiny", dest="mode", help=argparse.SUPPRESS)
+    p.add_argument("--tasks", default=None, help="comma-separated tasks (default: cnn,rnn,transformer,deep-mlp)")
+    p.add_argument("--configs", default=None,
+                   help="comma-separated PRECISION:VARIANT names, 'all' or 'quick' (default: by mode)")
+    p.add_argument("--seeds", default=None,
+                   help="comma-separated seeds, or a count N meaning 0..N-1 (default: 0 quick, 0,1,2 full)")
+    p.add_argument("--out", default="study-out", help="output directory (default: study-out)")
+    p.add_argument("--resume", action="store_true", help="keep the runs already in OUT/results.json, run the rest")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu; emulated there, native on CUDA)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="parallel worker processes, 1 thread each (default: 2 if 2+ CPUs, else 1)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run, mode=None)
+
+
+def _parse_seeds(text: str | None, mode: str) -> list[int]:
+    """``"0,1,2"`` or ``"n=3"`` (seeds 0..2); default: 0 (quick) or 0,1,2 (full)."""
+    if text is None:
+        return [0] if mode in ("quick", "tiny") else [0, 1, 2]
+    text = text.strip().lower()
+    try:
+        seeds = list(range(int(text[2:]))) if text.startswith("n=") else [int(s) for s in text.split(",") if s]
+    except ValueError:
+        seeds = []
+    if not seeds or any(s < 0 for s in seeds):
+        raise CLIError(f"--seeds must be comma-separated non-negative integers or n=COUNT, got {text!r}")
+    return list(dict.fromkeys(seeds))
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        from ..study import configs as C
+        from ..study import report as R
+        from ..study import runner as RN
+        from ..study.tasks import TASK_NAMES, TASKS
+    except ImportError as err:  # sklearn / num2words / sacrebleu missing
+        raise CLIError(f"the study needs the 'study' extra: pip install 'lossscale[study]' ({err})") from None
+
+    mode = args.mode or "full"
+    tasks = list(TASK_NAMES) if args.tasks is None else [t.strip() for t in args.tasks.split(",") if t.strip()]
+    bad = [t for t in tasks if t not in TASKS]
+    if bad or not tasks:
+        raise CLIError(f"unknown task {', '.join(bad) or '(none)'}; valid tasks: {', '.join(TASK_NAMES)}")
+    default_configs = "quick" if mode in ("quick", "tiny") else "all"
+    try:
+        configs = C.parse_configs(args.configs if args.configs is not None else default_configs)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+    seeds = _parse_seeds(args.seeds, mode)
+    workers = args.workers if args.workers is not None else (2 if (os.cpu_count() or 1) >= 2 else 1)
+    if workers < 1:
+        raise CLIError(f"--workers must be >= 1, got {workers}")
+    device = args.device
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise CLIError(f"--device {device}: CUDA is not available here")
+        workers = 1  # one process owns the GPU
+    threads = 1
+
+    out = args.out
+    os.makedirs(out, exist_ok=True)
+    results_path = os.path.join(out, "results.json")
+    done: list[dict[str, Any]] = []
+    if os.path.exists(results_path):
+        if not args.resume:
+            raise CLIError(f"{results_path} exists: pass --resume to continue it, or choose another --out")
+        try:
+            old = R.load_results(results_path)
+        except (ValueError, OSError) as err:
+            raise CLIError(f"cannot resume from {results_path}: {err}") from None
+        if old["config"]["mode"] != mode:
+            raise CLIError(
+                f"{results_path} holds a {old['config']['mode']}-mode study; resume it with the same mode"
+            )
+        done = list(old["runs"])
+
+    specs = RN.plan_runs(tasks, configs, seeds, mode=mode, device=device)
+    wanted = {s.key for s in specs}
+    kept = [r for r in done if (r["task"], r["config"], int(r["seed"])) in wanted]
+    # Runs of the old file outside this selection are kept too, so resuming with a narrower selection loses
+    # nothing; the report covers what the file holds.
+    extra = [r for r in done if (r["task"], r["config"], int(r["seed"])) not in wanted]
+    all_tasks = list(dict.fromkeys(tasks + [r["task"] for r in extra]))
+    all_configs = list(dict.fromkeys([c.name for c in configs] + [r["config"] for r in extra]))
+    all_seeds = sorted(set(seeds) | {int(r["seed"]) for r in extra})
+
+    doc: dict[str, Any] = {
+        "schema_version": R.SCHEMA_VERSION,
+        "created": R.now_iso(),
+        "command": _command_line(args, mode),
+        "config": {
+            "mode": mode,
+            "tasks": all_tasks,
+            "configs": all_configs,
+            "seeds": all_seeds,
+            "device": device,
+            "workers": workers,
+            "threads": threads,
+            "task_details": {
+                t: {
+                    "description": TASKS[t].description,
+                    "metric_name": TASKS[t].metric_name,
+                    "chance": TASKS[t].chance,
+                    "recipe": TASKS[t].recipe.describe(),
+                    "budget": TASKS[t].budget(mode).to_dict(),
+                    "dynamic_scaling": {
+                        "init_scale": RN.DYNAMIC_INIT_SCALE, "growth_factor": 2.0, "backoff_factor": 0.5,
+                        "growth_interval": RN.dynamic_growth_interval(TASKS[t].budget(mode).steps),
+                    },
+                    "data": None,
+                }
+                for t in all_tasks
+            },
+            "monitor_formats": list(RN.MONITOR_FORMATS),
+        },
+        "environment": RN.environment(device, threads, workers),
+        "runs": [],
+    }
+
+    def save(records: list[dict[str, Any]]) -> None:
+        doc["runs"] = records
+        for r in records:
+            doc["config"]["task_details"][r["task"]]["data"] = r.get("data")
+        R.write_results(results_path, doc)
+
+    records: list[dict[str, Any]] = list(done)
+    n_todo = sum(1 for s in specs if s.key not in {(r["task"], r["config"], int(r["seed"])) for r in done})
+    print(
+        f"lossscale study ({mode}): {len(tasks)} task(s) x {len(configs)} configuration(s) x {len(seeds)} seed(s); "
+        f"{n_todo} run(s) to do, {len(kept)} already done; {workers} worker(s); output in {out}",
+        flush=True,
+    )
+    t0 = time.perf_counter()
+
+    def on_record(rec: dict[str, Any]) -> None:
+        records.append(rec)
+        save(records)
+
+    try:
+        RN.run_study(specs, workers=workers, threads=threads, done=done, on_record=on_record,
+                     progress=not args.no_progress)
+    finally:
+        if records:
+            save(records)
+    save(records)
+    paths = R.write_report(doc, out)
+    _print_summary(doc)
+    print(f"\n{len(records)} run(s) in {time.perf_counter() - t0:.0f} s. Results: {results_path}")
+    print(f"Report: {paths['md']} (HTML: {paths['html']})")
+    return 0
+
+
+def _command_line(args: argparse.Namespace, mode: str) -> str:
+    """The command that reproduces this study (from the parsed arguments, not sys.argv)."""
+    parts = ["lossscale", "study"] + ([f"--{mode}"] if mode != "full" else [])
+    for flag in ("tasks", "configs", "seeds"):
+        value = getattr(args, flag)
+        if value is not None:
+            parts += [f"--{flag}", shlex.quote(value)]
+    parts += ["--out", shlex.quote(args.out)]
+    if args.device != "cpu":
+        parts += ["--device", args.device]
+    if args.workers is not None:
+        parts += ["--workers", str(args.workers)]
+    return " ".join(parts)
+
+
+def _print_summary(doc: dict[str, Any]) -> None:
+    from ..study.report import summary_rows
+
+    header, rows = summary_rows(doc)
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # pragma: no cover
+        print(" | ".join(header))
+        for r in rows:
+            print(" | ".join(r))
+        return
+    table = Table(title="lossscale study: metric (gap to FP32)")
+    for h in header:
+        table.add_column(h)
+    for r in rows:
+        table.add_row(*r)
+    Console(width=max(120, 30 * len(header))).print(table)

@@ -1,0 +1,42 @@
+"""Case studies: a CNN, an RNN, a Transformer and a deep MLP trained under every precision and scaling strategy.
+
+A subpackage imported on demand (``import lossscale.study``), since its data need the ``study`` extra
+(scikit-learn, num2words, sacrebleu). The command ``lossscale study`` drives it; see docs/study.md.
+
+- :mod:`~lossscale.study.data`: the data sets (generated or shipped with a package) and loaders for the
+  standard on-disk formats (CIFAR-10 python batches, MNIST IDX files, parallel text, CSV tables);
+- :mod:`~lossscale.study.models`: ResNet, LSTM classifier, encoder-decoder Transformer, deep plain MLP;
+- :mod:`~lossscale.study.tasks`: the four tasks, their recipes and budgets, :func:`example`;
+- :mod:`~lossscale.study.configs`: ``PRECISION:VARIANT`` configuration names;
+- :mod:`~lossscale.study.runner`: one run, many runs (workers, resume);
+- :mod:`~lossscale.study.report`: results.json and its schema, report.md/report.html, plots, findings.
+"""
+
+from __future__ import annotations
+
+from .configs import CONFIG_NAMES, QUICK_CONFIG_NAMES, StudyConfig, parse_configs
+from .report import RESULTS_SCHEMA, SCHEMA_VERSION, SchemaError, findings, summarise, validate, write_report
+from .runner import RunSpec, plan_runs, run_one, run_study
+from .tasks import TASK_NAMES, TASKS, build, example
+
+__all__ = [
+    "StudyConfig",
+    "CONFIG_NAMES",
+    "QUICK_CONFIG_NAMES",
+    "parse_configs",
+    "TASKS",
+    "TASK_NAMES",
+    "build",
+    "example",
+    "RunSpec",
+    "plan_runs",
+    "run_one",
+    "run_study",
+    "RESULTS_SCHEMA",
+    "SCHEMA_VERSION",
+    "SchemaError",
+    "validate",
+    "summarise",
+    "findings",
+    "write_report",
+]
