@@ -26,6 +26,7 @@ computation in lossscale happens in an FP32 (or FP64) container.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from typing import Literal, Union
@@ -173,9 +174,11 @@ class FloatFormat:
         """Distance from 1.0 to the next larger value, ``2^-M``."""
         return math.ldexp(1.0, -self.mantissa_bits)
 
-    @property
+    @functools.cached_property
     def name(self) -> str:
-        """Lower-case name used in files and CLI flags: ``"bf16"``, ``"e4m3"``, ``"e6m9"``, ..."""
+        """Lower-case name used in files and CLI flags: ``"bf16"``, ``"e4m3"``, ``"e6m9"``, ...
+
+        Cached: rounding sites look it up on every call (a frozen dataclass's fields never change)."""
         for preset_name, preset in PRESETS.items():
             if preset == self:
                 return preset_name
