@@ -409,3 +409,17 @@ def test_stochastic_just_past_max_rounds_to_max_or_overflows(fmt: FloatFormat) -
     if fmt.nonfinite != "none":
         p_up = 0.25  # (max + ulp/4 - max) / ulp
         assert abs((1 - at_max) - p_up) <= 3 * math.sqrt(p_up * (1 - p_up) / x.numel())
+
+
+def test_stochastic_bf16_specials_and_nan_payloads() -> None:
+    # The 8-exponent-bit fast path adds random bits to the signed pattern: NaN payloads near the top (and
+    # negative NaNs, whose pattern is 0xFFFF...) may carry into the sign bit, so NaN must be restored.
+    patterns = torch.tensor([0x7FFFFFFF, -1, 0x7F800001, 0x7FC00000, 0x7F800000, -8388608, -2147483648, 0,
+                             0x7F7F8000, 0x00008000], dtype=torch.int32)  # ..., +inf, -inf, -0, +0, big, tiny
+    x = patterns.view(torch.float32).repeat_interleave(2000)
+    out = quantize(x, BF16, rounding="stochastic", generator=torch.Generator().manual_seed(0)).view(10, -1)
+    assert out[:4].isnan().all()
+    assert (out[4] == math.inf).all() and (out[5] == -math.inf).all()
+    assert (out[6].view(torch.int32) == -2147483648).all() and (out[7].view(torch.int32) == 0).all()
+    assert set(out[8].tolist()) == {BF16.max, math.inf}  # halfway between BF16 max and 2^128
+    assert set(out[9].tolist()) == {0.0, 2.0**-133}  # half of the smallest BF16 subnormal

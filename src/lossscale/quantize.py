@@ -210,6 +210,8 @@ def _bits(
     x: torch.Tensor, fmt: FloatFormat, rounding: str, generator: torch.Generator | None
 ) -> torch.Tensor:
     c = _F32 if x.dtype == torch.float32 else _F64
+    if rounding == "stochastic" and fmt.emin == c.emin and fmt.subnormals:
+        return _stochastic_same_exponent_range(x, fmt, c, generator)
     xa = x.abs()
     fill = {"ieee": math.inf, "nan": math.nan, "none": fmt.max}[fmt.nonfinite]
     if rounding == "stochastic":
@@ -283,6 +285,23 @@ def _nearest_by_integer_add(xa: torch.Tensor, fmt: FloatFormat, c: _Container) -
     lsb = (a & (1 << shift)).clamp_(max=1)
     r = lsb.add_(low_mask >> 1).add_(a).bitwise_and_(~low_mask)
     return r.view(c.dtype)
+
+
+def _stochastic_same_exponent_range(
+    x: torch.Tensor, fmt: FloatFormat, c: _Container, gen: torch.Generator | None
+) -> torch.Tensor:
+    """Stochastic rounding to a format with the container's exponent range (BF16 and other 8-exponent-bit
+    formats in float32): one integer add on the signed bit pattern, then truncation.
+
+    The pattern is sign | magnitude, so adding R < 2^s to it adds R to the magnitude whatever the sign, and
+    clearing the low s bits truncates the magnitude toward zero. Subnormals align with the container's, and
+    a carry past max lands on inf's pattern: overflow needs no extra step. Only NaN needs restoring (its
+    payload plus R may carry into the sign bit). Draws the same random bits as the general kernel.
+    """
+    shift = c.mantissa_bits - fmt.mantissa_bits
+    r = torch.randint(0, 1 << shift, x.shape, dtype=c.int_dtype, device=x.device, generator=gen)
+    out = r.add_(x.view(c.int_dtype)).bitwise_and_(~((1 << shift) - 1)).view(c.dtype)
+    return out.masked_fill_(x.isnan(), math.nan)
 
 
 def _stochastic(
