@@ -9,22 +9,25 @@ Two implementations give the same bits:
 * ``bits``: lossscale's own vectorised bit-level kernel, for every format (and the only correct one for
   float64 inputs: torch and ml_dtypes round float64 through float32 first, which rounds twice).
 
-The bit-level kernel works on the magnitude's bit pattern ``a`` in the container (int32 for float32, int64 for
-float64). With ``s = C - M`` (C = container mantissa bits, M = format mantissa bits):
+The bit-level kernel has two exact forms (C = container mantissa bits: 23 for float32, 52 for float64;
+M = format mantissa bits; s = C - M):
 
-    nearest:     a' = (a + (2^(s-1) - 1) + ((a >> s) & 1)) & ~(2^s - 1)     # round half to even
-    stochastic:  a' = (a + R) & ~(2^s - 1),  R ~ U{0, ..., 2^s - 1}         # P(up) = dropped bits / 2^s
+* 8-exponent-bit formats in float32 (BF16, e8m3, ...) share the container's exponent range, subnormals
+  included, so one integer add on the signed bit pattern ``b`` rounds every value:
 
-A carry out of the mantissa increments the exponent field, which is exactly the next binade's first value,
-so one integer add rounds every value whose result is normal in the format. Results in the format's
-subnormal range have a fixed spacing ``q = min_subnormal``, which the container's bits do not align with
-(except for 8-exponent-bit formats in float32). So round to nearest uses another exact form everywhere:
-``(|x| + K) - K`` with ``K = 2^(E + C - M)``, ``E = max(exponent(|x|), emin)``: one correctly rounded
-container addition whose spacing at K is the format's spacing at |x| (see ``_nearest_by_addition``), and the
-integer add only for 8-exponent-bit formats. Stochastic rounding of subnormal results uses fixed point with
-B = 31 (float32) or 62 (float64) random bits, so its rounding probability is exact to 2^-B of q. Values that round
-past ``max`` overflow to inf (IEEE-style formats), NaN (formats whose only special is NaN, as ml_dtypes and
-the OCP FP8 non-saturating conversion do) or saturate to ``max`` (formats with neither, as ml_dtypes does).
+      nearest:     b' = (b + (2^(s-1) - 1) + lsb) & ~(2^s - 1)     # round half to even
+      stochastic:  b' = (b + R) & ~(2^s - 1),  R ~ U{0, ..., 2^s - 1}   # P(up) = dropped bits / 2^s
+
+  A carry out of the mantissa is the next binade's first value, and a carry past max is inf's pattern.
+* every other format: ``(|x| + K) - K`` with ``K = 2^(E + C - M)``, ``E = max(exponent(|x|), emin)``, one
+  correctly rounded container addition whose spacing at K is the format's spacing at |x|, normal or
+  subnormal alike (see ``_nearest_by_addition``). Stochastic rounding adds random bits below the kept
+  mantissa where the result is normal, and uses fixed point with B = 31 (float32) or 62 (float64) random
+  bits where it is subnormal, so its rounding probability there is exact to 2^-B of the spacing.
+
+Values that round past ``max`` overflow to inf (IEEE-style formats), NaN (formats whose only special is NaN,
+as ml_dtypes and the OCP FP8 non-saturating conversion do) or saturate to ``max`` (formats with neither, as
+ml_dtypes does).
 """
 
 from __future__ import annotations
@@ -201,55 +204,36 @@ _F32 = _Container(torch.float32)
 _F64 = _Container(torch.float64)
 
 
-def _addition_kernel_ok(fmt: FloatFormat, c: _Container) -> bool:
-    # The rounding constant 2^(E + C - M) must stay finite for every in-range exponent E.
-    return fmt.emax + c.mantissa_bits - fmt.mantissa_bits <= c.emax
-
-
 def _bits(
     x: torch.Tensor, fmt: FloatFormat, rounding: str, generator: torch.Generator | None
 ) -> torch.Tensor:
     c = _F32 if x.dtype == torch.float32 else _F64
-    if rounding == "stochastic" and fmt.emin == c.emin and fmt.subnormals:
-        return _stochastic_same_exponent_range(x, fmt, c, generator)
+    if fmt.emin == c.emin:  # 8-exponent-bit formats in float32: work on the signed pattern directly
+        return _same_exponent_range(x, fmt, c, rounding, generator)
+    # Every other (format, container) pair: the format's exponent range is narrower than the container's
+    # by enough that the rounding constants below stay finite (emax + C - M <= container emax for every
+    # format with at most 7 exponent bits in float32, and for every format in float64).
     xa = x.abs()
     fill = {"ieee": math.inf, "nan": math.nan, "none": fmt.max}[fmt.nonfinite]
     if rounding == "stochastic":
-        out, nan_propagates = _stochastic(xa, fmt, c, generator)
+        out = _stochastic(xa, fmt, c, generator)  # NaN in, NaN out
         if not fmt.subnormals:
             out = out.masked_fill_(out < fmt.min_normal, 0.0)
-        # Stochastic rounding may take a value just past max down to max, or up to the next value past it
-        # (inf's pattern for 8-exponent-bit formats): overflow is decided on the result. NaN > max is False.
-        out = out.masked_fill_(out > fmt.max, fill)
-        if not nan_propagates:
-            out = out.masked_fill_(x.isnan(), math.nan)
-        return out.copysign_(x)
+        # Stochastic rounding may take a value just past max down to max, or up to the next value past it:
+        # overflow is decided on the result. NaN > max is False.
+        return out.masked_fill_(out > fmt.max, fill).copysign_(x)
 
     # Overflow is decided on the input, not on the rounded bits: |x| past the midpoint between max and the
     # next value up (reached exactly when the tie goes away from max: max's last bit is 1 unless the
-    # format's only special is NaN, as in E4M3FN's 1.110 x 2^8).
+    # format's only special is NaN, as in E4M3FN's 1.110 x 2^8). NaN > mid is False, and NaN inputs come
+    # out of the addition NaN.
     mid = _overflow_midpoint(fmt)
-    if _addition_kernel_ok(fmt, c):
-        # NaN inputs come out NaN from the addition, and NaN > mid is False.
-        over = xa > mid if fmt.nonfinite == "nan" else xa >= mid
-        out = _nearest_by_addition(xa, fmt, c)  # in place on xa
-        if not fmt.subnormals:
-            out = out.masked_fill_(out < fmt.min_normal, 0.0)
-        return out.masked_fill_(over, fill).copysign_(x)
-
-    out = _nearest_by_integer_add(xa, fmt, c)
+    over = xa > mid if fmt.nonfinite == "nan" else xa >= mid
+    out = _nearest_by_addition(xa, fmt, c)  # in place on xa
     if not fmt.subnormals:
         # Rounded as if subnormals existed, then flushed (sign kept by the copysign below).
         out = out.masked_fill_(out < fmt.min_normal, 0.0)
-    # NaN inputs fail `in_range` and take the special value, which keeps them NaN.
-    in_range = xa <= mid if fmt.nonfinite == "nan" else xa < mid
-    if fmt.nonfinite == "ieee":
-        out = torch.where(in_range, out, xa * math.inf)  # inf for overflow, NaN for NaN
-    elif fmt.nonfinite == "nan":
-        out = torch.where(in_range, out, math.nan)
-    else:
-        out = torch.where(in_range, out, xa.clamp(max=fmt.max))  # saturate; NaN passes through clamp
-    return out.copysign_(x)
+    return out.masked_fill_(over, fill).copysign_(x)
 
 
 def _nearest_by_addition(xa: torch.Tensor, fmt: FloatFormat, c: _Container) -> torch.Tensor:
@@ -272,41 +256,42 @@ def _nearest_by_addition(xa: torch.Tensor, fmt: FloatFormat, c: _Container) -> t
     return xa.add_(k).sub_(k)  # in place: the caller has no further use for |x|
 
 
-def _nearest_by_integer_add(xa: torch.Tensor, fmt: FloatFormat, c: _Container) -> torch.Tensor:
-    """Round |x| half to even by one integer add on its bits (formats sharing the container's emin, so the
-    subnormal spacings align bit for bit: BF16 and other 8-exponent-bit formats in float32)."""
-    assert fmt.emin == c.emin, "guarded by _addition_kernel_ok"
-    shift = c.mantissa_bits - fmt.mantissa_bits
-    low_mask = (1 << shift) - 1
-    # NaN patterns sit above inf's; clamping keeps the add from carrying into the sign bit (the caller
-    # restores NaN from the input).
-    a = xa.view(c.int_dtype).clamp(max=c.inf_bits)
-    # lsb of the kept mantissa, as 0 or 1 ((a & bit) clamped to 1: cheaper than a shift on CPU)
-    lsb = (a & (1 << shift)).clamp_(max=1)
-    r = lsb.add_(low_mask >> 1).add_(a).bitwise_and_(~low_mask)
-    return r.view(c.dtype)
-
-
-def _stochastic_same_exponent_range(
-    x: torch.Tensor, fmt: FloatFormat, c: _Container, gen: torch.Generator | None
+def _same_exponent_range(
+    x: torch.Tensor, fmt: FloatFormat, c: _Container, rounding: str, gen: torch.Generator | None
 ) -> torch.Tensor:
-    """Stochastic rounding to a format with the container's exponent range (BF16 and other 8-exponent-bit
-    formats in float32): one integer add on the signed bit pattern, then truncation.
+    """Round to a format with the container's exponent range (BF16 and other 8-exponent-bit formats in
+    float32) with one integer add on the signed bit pattern.
 
-    The pattern is sign | magnitude, so adding R < 2^s to it adds R to the magnitude whatever the sign, and
-    clearing the low s bits truncates the magnitude toward zero. Subnormals align with the container's, and
-    a carry past max lands on inf's pattern: overflow needs no extra step. Only NaN needs restoring (its
-    payload plus R may carry into the sign bit). Draws the same random bits as the general kernel.
+    The pattern is sign | magnitude, so adding to it adds to the magnitude whatever the sign (a magnitude
+    below inf's pattern plus less than 2^s never reaches the sign bit), and clearing the low s bits
+    truncates the magnitude toward zero:
+
+        nearest:     b' = (b + (2^(s-1) - 1) + lsb) & ~(2^s - 1)     lsb = last kept mantissa bit (ties to even)
+        stochastic:  b' = (b + R) & ~(2^s - 1),  R ~ U{0, ..., 2^s - 1}
+
+    A carry out of the mantissa is the next binade's first value; the subnormals align with the
+    container's; a carry past max lands on inf's pattern, which is this format's overflow. Only NaN needs
+    restoring (its payload plus the addend may carry into the sign bit). Flush-to-zero clears results whose
+    exponent field is 0, keeping the sign.
     """
     shift = c.mantissa_bits - fmt.mantissa_bits
-    r = torch.randint(0, 1 << shift, x.shape, dtype=c.int_dtype, device=x.device, generator=gen)
-    out = r.add_(x.view(c.int_dtype)).bitwise_and_(~((1 << shift) - 1)).view(c.dtype)
-    return out.masked_fill_(x.isnan(), math.nan)
+    low_mask = (1 << shift) - 1
+    b = x.view(c.int_dtype)
+    if rounding == "stochastic":
+        r = torch.randint(0, 1 << shift, x.shape, dtype=c.int_dtype, device=x.device, generator=gen)
+    else:
+        # the last kept mantissa bit as 0 or 1 ((b & bit) clamped to 1: cheaper than a shift on CPU)
+        r = (b & (1 << shift)).clamp_(max=1).add_(low_mask >> 1)
+    r = r.add_(b).bitwise_and_(~low_mask)
+    if not fmt.subnormals:
+        sign_bit = -(1 << (c.mantissa_bits + c.exponent_bits))  # the pattern 100...0 as a signed int
+        r = torch.where((r & c.exponent_mask) == 0, r & sign_bit, r)
+    return r.view(c.dtype).masked_fill_(x.isnan(), math.nan)
 
 
 def _stochastic(
     xa: torch.Tensor, fmt: FloatFormat, c: _Container, gen: torch.Generator | None
-) -> tuple[torch.Tensor, bool]:
+) -> torch.Tensor:
     """Stochastic rounding of |x|: up with probability (|x| - lower neighbour) / spacing.
 
     One draw of B uniform random bits per element (B = 31 for float32, 62 for float64) serves both cases:
@@ -320,14 +305,9 @@ def _stochastic(
     """
     shift = c.mantissa_bits - fmt.mantissa_bits
     low_mask = (1 << shift) - 1
-    # NaN patterns sit above inf's: clamping keeps the add from carrying into the sign bit.
-    if fmt.emin == c.emin:  # xa is not needed after this branch: work in place
-        a = xa.view(c.int_dtype).clamp_(max=c.inf_bits)
-    else:
-        a = xa.view(c.int_dtype).clamp(max=c.inf_bits)
-    if fmt.emin == c.emin:
-        r = torch.randint(0, 1 << shift, xa.shape, dtype=c.int_dtype, device=xa.device, generator=gen)
-        return a.add_(r).bitwise_and_(~low_mask).view(c.dtype), False  # the caller restores NaN
+    # NaN patterns sit above inf's: clamping keeps the add from carrying into the sign bit (NaN inputs take
+    # the subnormal branch below, which keeps them NaN).
+    a = xa.view(c.int_dtype).clamp(max=c.inf_bits)
     rand_bits = 31 if c.int_dtype == torch.int32 else 62
     r = torch.randint(0, 1 << rand_bits, xa.shape, dtype=c.int_dtype, device=xa.device, generator=gen)
     # Each element takes one of the two branches, so both may use the same random bits.
@@ -338,7 +318,7 @@ def _stochastic(
     threshold = (k - floor).mul_(math.ldexp(1.0, rand_bits)).to(c.int_dtype)
     sub = floor.add_(r < threshold).mul_(q)
     # NaN fails `>=` and takes `sub`, which is NaN: NaN propagates.
-    return torch.where(xa >= fmt.min_normal, out, sub), True
+    return torch.where(xa >= fmt.min_normal, out, sub)
 
 
 # ------------------------------------------------------------------------------------------------------
