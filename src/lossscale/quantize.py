@@ -345,7 +345,8 @@ def explain(value: float, fmt: FormatLike, *, saturate: bool = False) -> Roundin
 
     ``status`` is ``"nan"`` for a NaN input, ``"overflow"`` when a finite input became inf/NaN,
     ``"saturated"`` when it was clamped to +-max, ``"underflow"`` when a nonzero input became zero,
-    ``"subnormal"`` when the result is subnormal, else ``"exact"`` or ``"rounded"``.
+    ``"subnormal"`` when the result is subnormal, else ``"exact"`` or ``"rounded"``. A host-side helper
+    (for ``lossscale formats --value``): it reads its one result back, so keep it out of training loops.
 
     >>> explain(1e-8, "fp16").status, explain(1e-8, "bf16").status
     ('underflow', 'rounded')
