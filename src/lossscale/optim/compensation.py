@@ -175,7 +175,8 @@ def finish_update_(
 
     none: ``w = round(acc)``; stochastic: ``w = round_stochastic(acc)``; kahan: ``w = round(acc)``,
     ``c = round(acc - w)`` (``acc - w`` is exact in FP32: ``w`` is ``acc``'s nearest neighbour in the format).
-    FP32 weights with Kahan: ``s = w + y``, ``c = (w - s) + y`` (Kahan's exact form; ``y = acc``).
+    FP32 weights with Kahan: ``s = w + y``, ``c = (w - s) + y`` (Kahan's form, ``y = acc``; exact when
+    ``|w| >= |y|``, which holds for updates smaller than the weight).
     Does not synchronise.
     """
     if not params:
@@ -186,7 +187,7 @@ def finish_update_(
         if fmt == FP32:
             old = [p.clone() for p in params]
             torch._foreach_add_(params, acc)  # s = fl(w + y)
-            torch._foreach_sub_(old, params)  # w - s (exact: Sterbenz)
+            torch._foreach_sub_(old, params)  # w - s: exact when |w| >= |y| (Fast2Sum, Dekker 1971)
             torch._foreach_add_(old, acc)  # (w - s) + y: what the addition dropped
             store_rounded_(comps, old, fmt, foreach=foreach)
             return
