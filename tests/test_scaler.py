@@ -10,6 +10,7 @@ import logging
 import math
 import pickle
 import random
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -21,7 +22,7 @@ from torch import nn
 
 from lossscale import _compat
 from lossscale import scaler as scaler_mod
-from lossscale.scaler import LossScaler, SkipBudgetExceeded, SkipEvent
+from lossscale.scaler import LossScaler, NonFiniteGrad, SkipBudgetExceeded, SkipEvent
 from lossscale.scaling import (
     DynamicScaling,
     NoScaling,
@@ -240,10 +241,11 @@ def test_skip_events_logged_and_hooked(caplog: pytest.LogCaptureFixture) -> None
         handle.remove()
         one_step(model, scaler, opt, None)
         one_step(model, scaler, opt, (2, INF))
+    p = "param_groups[0].params"
     assert events == [
-        SkipEvent(step=1, scale=64.0, consecutive_skips=1, skipped_steps=1),
-        SkipEvent(step=2, scale=32.0, consecutive_skips=2, skipped_steps=2),
-        SkipEvent(step=4, scale=16.0, consecutive_skips=1, skipped_steps=3),
+        SkipEvent(1, 64.0, 1, 1, "nonfinite_grads", (NonFiniteGrad(f"{p}[0]", (16, 6), 96, 0, 0, 1),)),
+        SkipEvent(2, 32.0, 2, 2, "nonfinite_grads", (NonFiniteGrad(f"{p}[1]", (16,), 16, 1, 0, 0),)),
+        SkipEvent(4, 16.0, 1, 3, "nonfinite_grads", (NonFiniteGrad(f"{p}[2]", (4, 16), 64, 1, 0, 0),)),
     ]
     assert extra == events[:2]
     records = [r for r in caplog.records if r.name == "lossscale"]
@@ -348,7 +350,7 @@ def test_fp16_gradients_refused_scaler_unchanged() -> None:
         scaler.unscale_(opt)
     assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters(), strict=True))
     assert scaler.state_dict() == sd
-    assert scaler._records == {}
+    assert scaler._per_optimizer_states == {}
 
 
 def test_sparse_gradients_match_torch() -> None:
@@ -539,6 +541,7 @@ def test_state_dict_round_trip_every_field_non_default() -> None:
         "skipped_steps": 2**40,
         "steps": 2**41,
     }
+    sd["scale"], sd["_growth_tracker"] = 3.0, 3  # GradScaler's view of the state must agree with it
     scaler.load_state_dict(sd)
     assert scaler.state_dict() == sd
     cfg_defaults = {f.name: f.default for f in dataclasses.fields(DynamicScaling)}
@@ -553,13 +556,19 @@ def test_state_dict_round_trip_every_field_non_default() -> None:
     buf.seek(0)
     loaded = torch.load(buf, weights_only=True)
     fresh = LossScaler()
-    fresh.load_state_dict(loaded)
+    with pytest.warns(UserWarning, match="overrides") as rec:
+        fresh.load_state_dict(loaded)
+    assert len(rec) == 1
+    for name in ("growth_factor", "backoff_factor", "growth_interval", "hysteresis 1 -> 3", "min_scale"):
+        assert name in str(rec[0].message)
     assert fresh.state_dict() == sd
     assert fresh.config == scaler.config
     # Also into a scaler whose state tensors already exist.
-    used = LossScaler()
+    used = non_default_scaler()
     used.scale(torch.ones(()))
-    used.load_state_dict(loaded)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # same settings: no warning
+        used.load_state_dict(loaded)
     assert used.state_dict() == sd and used.state.scale.item() == sd["state"]["scale"]
 
 
@@ -614,7 +623,12 @@ def test_loads_torch_grad_scaler_state_dict() -> None:
     model_t, opts_t, _ = run_training(ref, [SGD_M], steps=25, seed=2)
     sd = ref.state_dict()
     ours = LossScaler()
-    ours.load_state_dict(sd)
+    with pytest.warns(UserWarning, match="overrides") as rec:
+        ours.load_state_dict(sd)
+    assert len(rec) == 1
+    assert str(rec[0].message).endswith(
+        "growth_factor 2.0 -> 3.0, backoff_factor 0.5 -> 0.25, growth_interval 2000 -> 7"
+    )
     assert ours.get_scale() == sd["scale"] and ours._get_growth_tracker() == sd["_growth_tracker"]
     assert (ours.get_growth_factor(), ours.get_backoff_factor(), ours.get_growth_interval()) == (3.0, 0.25, 7)
     # Continue both in lockstep: identical scales.
@@ -685,9 +699,10 @@ def started_scaler() -> tuple[LossScaler, nn.Module, torch.optim.Optimizer]:
 @pytest.mark.parametrize(
     ("setter", "value", "exc"),
     [
-        ("set_growth_factor", 1.0, ValueError),
+        ("set_growth_factor", 0.5, ValueError),
         ("set_growth_factor", "2", TypeError),
-        ("set_backoff_factor", 1.0, ValueError),
+        ("set_backoff_factor", 1.5, ValueError),
+        ("set_backoff_factor", 0.0, ValueError),
         ("set_growth_interval", 0, ValueError),
         ("set_growth_interval", 2.5, TypeError),
     ],
@@ -738,7 +753,7 @@ def test_call_order_errors() -> None:
         with pytest.raises(RuntimeError, match="before scale"):
             call()
     scaler.scale(torch.ones(()))
-    with pytest.raises(RuntimeError, match="no inf checks"):
+    with pytest.raises(RuntimeError, match="No inf checks were recorded prior to update"):
         scaler.update()
     with pytest.raises(RuntimeError, match="[Cc]losure"):
         scaler.step(opt, closure=lambda: 0.0)

@@ -233,12 +233,14 @@ def test_fused_impl_refuses_other_rules() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "exc", "match"),
     [
-        ({"growth_factor": 1.0}, ValueError, "growth_factor"),
+        ({"growth_factor": 0.999}, ValueError, "growth_factor"),
         ({"growth_factor": 0.5}, ValueError, "growth_factor"),
         ({"growth_factor": math.inf}, ValueError, "growth_factor"),
         ({"growth_factor": "2"}, TypeError, "growth_factor"),
-        ({"backoff_factor": 1.0}, ValueError, "backoff_factor"),
+        ({"backoff_factor": 1.001}, ValueError, "backoff_factor"),
         ({"backoff_factor": 0.0}, ValueError, "backoff_factor"),
+        ({"growth_interval": 2**63}, ValueError, "growth_interval"),
+        ({"hysteresis": 2**31 + 1}, ValueError, "hysteresis"),
         ({"backoff_factor": -0.5}, ValueError, "backoff_factor"),
         ({"backoff_factor": math.nan}, ValueError, "backoff_factor"),
         ({"growth_interval": 0}, ValueError, "growth_interval"),

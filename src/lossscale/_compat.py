@@ -6,6 +6,8 @@
   torch's CUDA kernel rejects BF16 gradients (pytorch#127176); the CPU kernel accepts them.
 * ``torch._amp_update_scale_``: torch's scale update (no hysteresis, no clamps).
 * ``Tensor._values()``: the values of a sparse COO gradient, coalesced or not, as a view.
+* ``torch.amp.grad_scaler._refresh_per_optimizer_state``: the factory of ``GradScaler._per_optimizer_states``
+  (a module-level function so that the defaultdict pickles); ``OptState`` is public.
 
 ``impl="auto"`` takes the fused path when torch has it and it accepts the inputs, else the fallback;
 ``"fused"`` and ``"fallback"`` force one (tests check that both agree bit for bit).
@@ -13,20 +15,33 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
 __all__ = [
     "Impl",
+    "OptState",
     "dtensor_type",
     "fused_available",
     "is_dtensor",
     "non_finite_check_and_unscale_",
+    "refresh_per_optimizer_state",
     "sparse_values",
     "to_local",
     "update_scale_",
 ]
+
+from torch.amp.grad_scaler import OptState
+
+try:  # GradScaler's own factory, so that a LossScaler's per-optimizer states are GradScaler's objects
+    from torch.amp.grad_scaler import _refresh_per_optimizer_state as refresh_per_optimizer_state
+except ImportError:  # pragma: no cover - older or newer torch without it
+
+    def refresh_per_optimizer_state() -> dict[str, Any]:
+        """A fresh per-optimizer record with GradScaler's keys: stage READY, no found-inf flags yet."""
+        return {"stage": OptState.READY, "found_inf_per_device": {}}
+
 
 Impl = Literal["auto", "fused", "fallback"]
 _IMPLS = ("auto", "fused", "fallback")

@@ -18,6 +18,8 @@ The rule (dynamic scaling, as in torch.amp.GradScaler, with Megatron-LM/DeepSpee
                                                                   # growth refused at FP32 overflow (torch)
             growth_tracker = 0;  hysteresis_tracker = hysteresis - 1
         consecutive_skips = 0
+    scale = max(scale, SCALE_FLOOR)             # 2^-127: the smallest power of two whose reciprocal is
+                                                # finite in FP32 (torch has no floor: its scale reaches 0)
     steps += 1
 
 ``hysteresis_tracker`` counts the overflows still tolerated before a backoff (it starts at
@@ -27,7 +29,9 @@ until a growth refills the counter. With ``hysteresis=1`` the counter stays 0 an
 
 With the defaults (``hysteresis=1``, no clamps) this is exactly ``torch._amp_update_scale_``, and
 :func:`update_scale` calls it (through :mod:`lossscale._compat`). ``growth_tracker`` always stays below
-``growth_interval``, so torch's ``==`` test and the ``>=`` above agree. Products are formed in FP64 and
+``growth_interval``, so torch's ``==`` test and the ``>=`` above agree, and the floor changes nothing until
+torch's rule would first take the scale below 2^-127 (there torch's ``1/scale`` overflows FP32, unscaling
+turns finite gradients into inf/NaN and the weights follow). Products are formed in FP64 and
 rounded once to FP32, as torch's CPU kernel does (a float times a double in C++), so that non-power-of-two
 factors give the same bits.
 
@@ -60,6 +64,7 @@ __all__ = [
     "DynamicScaling",
     "NoScaling",
     "PyScalingState",
+    "SCALE_FLOOR",
     "ScalingConfig",
     "ScalingState",
     "StaticScaling",
@@ -75,6 +80,13 @@ __all__ = [
 ]
 
 _FP32_MAX = float(np.finfo(np.float32).max)
+SCALE_FLOOR = 2.0**-127
+"""The smallest power of two whose FP32 reciprocal is finite (1/2^-128 = 2^128 overflows FP32).
+
+The dynamic rule never takes the scale below it; a scale below it (set by hand or loaded) makes every step a
+counted skip, since unscaling would multiply finite gradients by inf."""
+_INT32_MAX = 2**31 - 1
+_INT64_MAX = 2**63 - 1
 
 
 def _fp32(x: float) -> float:
@@ -97,11 +109,15 @@ def _check_scale_value(name: str, value: object, *, optional: bool = False) -> N
         raise ValueError(f"{name} must be representable in FP32 (2^-149 .. {_FP32_MAX:.6g}), got {value!r}")
 
 
-def _check_int(name: str, value: object, minimum: int) -> None:
+def _check_int(name: str, value: object, minimum: int, maximum: int = _INT64_MAX) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if value > maximum:
+        # The counters live in int32/int64 tensors: a larger value cannot be held (torch would raise deep
+        # inside a kernel, or wrap around).
+        raise ValueError(f"{name} must be an int <= {maximum} (it is held in a fixed-width tensor), got {value!r}")
 
 
 def _check_skips(value: object) -> None:
@@ -115,10 +131,12 @@ class DynamicScaling:
 
     Args:
         init_scale: the first scale, default 2^16 (torch).
-        growth_factor: multiply the scale by this after ``growth_interval`` finite steps; > 1. Default 2.
-        backoff_factor: multiply the scale by this on a non-finite step; in (0, 1). Default 0.5.
-        growth_interval: finite steps between growths; int >= 1. Default 2000.
-        hysteresis: int >= 1; ``hysteresis - 1`` overflows are tolerated (no backoff) after each growth;
+        growth_factor: multiply the scale by this after ``growth_interval`` finite steps; >= 1 (1 freezes
+            growth, as ``GradScaler.set_growth_factor(1.0)`` does). Default 2.
+        backoff_factor: multiply the scale by this on a non-finite step; in (0, 1] (1 freezes backoff).
+            Default 0.5.
+        growth_interval: finite steps between growths; int in [1, 2^63 - 1]. Default 2000.
+        hysteresis: int in [1, 2^31]; ``hysteresis - 1`` overflows are tolerated (no backoff) after each growth;
             1 (the default) backs off on every overflow, as torch does; Megatron-LM and DeepSpeed use 2.
         consecutive_hysteresis: refill the hysteresis counter on every finite step (DeepSpeed's option)
             instead of only when the scale grows.
@@ -130,10 +148,10 @@ class DynamicScaling:
     Example:
         >>> DynamicScaling(init_scale=1024.0, hysteresis=2).growth_interval
         2000
-        >>> DynamicScaling(growth_factor=1.0)
+        >>> DynamicScaling(growth_factor=0.5)
         Traceback (most recent call last):
         ...
-        ValueError: growth_factor must be > 1 and finite, got 1.0
+        ValueError: growth_factor must be >= 1 and finite, got 0.5
     """
 
     init_scale: float = 2.0**16
@@ -152,12 +170,15 @@ class DynamicScaling:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise TypeError(f"{name} must be a float, got {type(v).__name__} {v!r}")
-        if not (math.isfinite(self.growth_factor) and self.growth_factor > 1.0):
-            raise ValueError(f"growth_factor must be > 1 and finite, got {self.growth_factor!r}")
-        if not (0.0 < self.backoff_factor < 1.0):
-            raise ValueError(f"backoff_factor must be in the open interval (0, 1), got {self.backoff_factor!r}")
+        # 1.0 is a frozen scale (GradScaler accepts it through its setters and checkpoints); below 1 "growth"
+        # would shrink the scale, above 1 "backoff" would grow it: refused as meaningless.
+        if not (math.isfinite(self.growth_factor) and self.growth_factor >= 1.0):
+            raise ValueError(f"growth_factor must be >= 1 and finite, got {self.growth_factor!r}")
+        if not (0.0 < self.backoff_factor <= 1.0):
+            raise ValueError(f"backoff_factor must be in the interval (0, 1], got {self.backoff_factor!r}")
         _check_int("growth_interval", self.growth_interval, 1)
-        _check_int("hysteresis", self.hysteresis, 1)
+        # hysteresis - 1 is held in an int32 tensor.
+        _check_int("hysteresis", self.hysteresis, 1, _INT32_MAX + 1)
         if not isinstance(self.consecutive_hysteresis, bool):
             raise TypeError(f"consecutive_hysteresis must be a bool, got {type(self.consecutive_hysteresis).__name__}")
         _check_scale_value("min_scale", self.min_scale, optional=True)
@@ -304,7 +325,8 @@ class PyScalingState:
             )
         for f in dataclasses.fields(self):
             if f.name != "scale":
-                _check_int(f.name, getattr(self, f.name), 0)
+                dtype = _STATE_DTYPES[f.name]
+                _check_int(f.name, getattr(self, f.name), 0, _INT32_MAX if dtype == torch.int32 else _INT64_MAX)
 
 
 _STATE_DTYPES: dict[str, torch.dtype] = {
@@ -402,7 +424,7 @@ def update_scale(
             impl="fused" if impl == "fused" else "auto",
         )
         return ScalingState(
-            scale=scale,
+            scale=scale.clamp_(min=SCALE_FLOOR),  # the floor (module docstring); in place on our copy
             growth_tracker=growth_tracker,
             hysteresis_tracker=state.hysteresis_tracker,
             consecutive_skips=consecutive,
@@ -426,7 +448,7 @@ def update_scale(
     if config.max_scale is not None:
         # Likewise the ceiling never lowers a scale above it.
         grown = torch.maximum(torch.clamp(grown, max=_fp32(config.max_scale)), state.scale)
-    scale = torch.where(backoff, backed, torch.where(grow_ok, grown, state.scale))
+    scale = torch.where(backoff, backed, torch.where(grow_ok, grown, state.scale)).clamp_(min=SCALE_FLOOR)
 
     growth_tracker = torch.where(found | grow, torch.zeros_like(tracker), tracker)
     hyst_down = torch.clamp(state.hysteresis_tracker - 1, min=0)
@@ -485,7 +507,7 @@ def update_scale_py(state: PyScalingState, found_inf: bool, config: ScalingConfi
             tracker = 0
             hyst = config.hysteresis - 1
     return PyScalingState(
-        scale=scale,
+        scale=max(scale, SCALE_FLOOR),
         growth_tracker=tracker,
         hysteresis_tracker=hyst,
         consecutive_skips=consecutive,
