@@ -742,6 +742,10 @@ class LossScaler(torch.amp.GradScaler):
                         "(hence gradients) in FP32 and compute in FP16 with torch.autocast, or use BF16, whose "
                         "gradients keep FP32's range."
                     )
+                if grad.is_sparse and grad.dtype == fp16:
+                    # As GradScaler: duplicate indices of a scaled FP16 gradient may overflow when summed, so
+                    # check the coalesced values (this replaces ``param.grad``, with the same values).
+                    param.grad = grad = grad.coalesce()
                 values = _compat.sparse_values(grad) if grad.is_sparse else grad
                 key = (values.device, values.dtype, dt)
                 bucket = groups.get(key)
