@@ -7,7 +7,7 @@ from .formats import BF16, E2M1, E2M3, E3M2, E4M3, E5M2, FP16, FP32, PRESETS, Fl
 from .quantize import RoundingInfo, explain, quantize
 from .precision import Precision
 from .emulate import Autocast, LowPrecisionWeights, RoundingCounters, SiteCounts, autocast, low_precision_weights
-from .scaler import LossScaler, SkipBudgetExceeded, SkipEvent
+from .scaler import LossScaler, NonFiniteGrad, SkipBudgetExceeded, SkipEvent, SkipWarning
 from . import optim
 from .scaling import DynamicScaling, NoScaling, ScalingConfig, ScalingState, StaticScaling, update_scale
 from .monitor import GradientMonitor
@@ -31,6 +31,8 @@ __all__ = [
     "LossScaler",
     "SkipEvent",
     "SkipBudgetExceeded",
+    "SkipWarning",
+    "NonFiniteGrad",
     "DynamicScaling",
     "StaticScaling",
     "NoScaling",

@@ -769,7 +769,7 @@ class LossScaler(torch.amp.GradScaler):
         with torch.no_grad():
             for (device, _dtype, _dt), grads in groups.items():
                 if device not in found_per_device:
-                    found_per_device[device] = found_inf.to(device, non_blocking=True, copy=True)
+                    found_per_device[device] = found_inf.to(device, torch.float32, non_blocking=True, copy=True)
                     inv_per_device[device] = inv_scale.to(device, non_blocking=True)
                 reduced = _compat.non_finite_check_and_unscale_(grads, found_per_device[device], inv_per_device[device])
                 reduced_everywhere = reduced_everywhere and reduced
@@ -787,13 +787,13 @@ class LossScaler(torch.amp.GradScaler):
 
     def _inv_scale_and_floor(self, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(1/scale, found_inf)``: the reciprocal in FP64 rounded to FP32 (exact for powers of two; torch does
-        the same, since FP32 division may be inexact under some compile options), and a found-inf flag that
-        starts at 1.0 when that reciprocal is not finite (the scale floor: multiplying finite gradients by inf
-        would put inf/NaN in the weights; the step is skipped and counted instead, and the gradients are left
-        scaled). No sync."""
+        the same, since FP32 division may be inexact under some compile options), and a found-inf flag (bool;
+        the per-device copies are FP32) that starts set when that reciprocal is inf: the scale floor.
+        Multiplying finite gradients by inf would put inf/NaN in the weights; the step is skipped and counted
+        instead. (A NaN scale makes the scaled loss, hence every gradient, NaN: the check finds those.) As many
+        ops as GradScaler's zero flag, no sync."""
         inv = scale.double().reciprocal().float()
-        ok = torch.isfinite(inv)
-        return torch.where(ok, inv, 1.0), ok.logical_not().float()
+        return inv, torch.isinf(inv)
 
     def _record_found(
         self, optimizer: torch.optim.Optimizer, per_device: dict[torch.device, torch.Tensor], reduced: bool
@@ -822,10 +822,11 @@ class LossScaler(torch.amp.GradScaler):
             scaler.update()
 
         The reciprocal is taken in FP64 and rounded to FP32 (torch); with power-of-two scales it is exact.
-        When it is not finite (scale below the floor) the gradients are left scaled and the step will be
-        skipped. BF16 and FP32 gradients are accepted on every device; FP16 gradients raise ValueError
-        (unscaling them in place would underflow again). Sparse gradients are unscaled through their stored
-        values. Under torch.distributed the found-inf flag is all-reduced (MAX) over ``process_group``.
+        When it is not finite (scale below the floor) the step will be skipped and counted (the gradients,
+        multiplied by inf as GradScaler would, are not used). BF16 and FP32 gradients are accepted on every
+        device; FP16 gradients raise ValueError (unscaling them in place would underflow again). Sparse
+        gradients are unscaled through their stored values. Under torch.distributed the found-inf flag is
+        all-reduced (MAX) over ``process_group``.
 
         Raises:
             RuntimeError: when called twice for one optimizer before ``update``, after ``step``, or before
@@ -888,7 +889,7 @@ class LossScaler(torch.amp.GradScaler):
             return optimizer.step(*args, **kwargs)
         if "closure" in kwargs:
             raise ScalerUsageError("Closure use is not currently supported if LossScaler is enabled.")
-        self._require_state("step")
+        self._check_scale_growth_tracker("step")
         record = self._per_optimizer_states.get(id(optimizer))
         if record is not None and record["stage"] is OptState.STEPPED:
             raise ScalerUsageError("step() has already been called since the last update().")
@@ -912,17 +913,18 @@ class LossScaler(torch.amp.GradScaler):
         self, optimizer: torch.optim.Optimizer, optimizer_state: dict[str, Any], *args: Any, **kwargs: Any
     ) -> Any:
         """GradScaler's private method: step unless a found-inf flag is set. The one sync of ``step``."""
-        state = self._require_state("step")
+        scale, _ = self._check_scale_growth_tracker("step")
         flags = list(optimizer_state["found_inf_per_device"].values())
-        found = _sum_found(flags, state.scale.device)
-        assert found is not None, "No inf checks were recorded for this optimizer."
+        found = _sum_found(flags, scale.device)
+        if found is None:
+            raise ScalerUsageError("No inf checks were recorded for this optimizer.")
         # One read for both: the flag decides; the scale says whether unscaling could have overflowed.
-        found_host, scale_host = torch.stack([found, state.scale]).tolist()
+        found_host, scale_host = torch.stack([found, scale]).tolist()
         overflow = False
         if found_host == 0.0 and scale_host < 1.0:
             # 1/scale > 1: a finite scaled gradient may have become inf when unscaled. Check the unscaled
             # gradients (an extra pass, only while the scale is below 1) and count it as a skip if so.
-            overflow = self._unscaled_overflow(optimizer, state.scale.device)
+            overflow = self._unscaled_overflow(optimizer, scale.device)
             if overflow:
                 for f in flags:
                     f.fill_(1.0)  # so that update() backs off and counts the skip
@@ -1025,10 +1027,12 @@ class LossScaler(torch.amp.GradScaler):
     def _on_skip(self, optimizer: torch.optim.Optimizer, *, overflow: bool) -> None:
         state = self._require_state("step")
         before = state_to_py(state)  # the skip path's extra syncs: the counters, then the culprits
-        culprits = self._find_culprits(optimizer)
         inv = _fp32(1.0 / before.scale) if before.scale > 0.0 else math.inf
+        floor = not math.isfinite(inv)
+        # Below the floor, unscaling multiplied every gradient by inf: there is nothing left to point at.
+        culprits = () if floor else self._find_culprits(optimizer)
         reason: SkipReason
-        if not math.isfinite(inv):
+        if floor:
             reason = "scale_floor"
         elif overflow:
             reason = "unscale_overflow"
