@@ -853,3 +853,17 @@ def test_version_1_state_dict_still_loads() -> None:
     dst = LossScaler(init_scale=2.0**10, hysteresis=2)
     dst.load_state_dict(v1)
     assert dst.state_dict() == sd
+
+
+def test_frozen_factors_load_from_a_grad_scaler_checkpoint() -> None:
+    ref = torch.amp.GradScaler("cpu", init_scale=32.0)
+    ref.set_growth_factor(1.0)
+    ref.set_backoff_factor(1.0)
+    ours = LossScaler(init_scale=32.0)
+    with pytest.warns(UserWarning, match="growth_factor 2.0 -> 1.0, backoff_factor 0.5 -> 1.0"):
+        ours.load_state_dict(_saved_loaded(ref.state_dict()))
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for inject in [(0, INF), None, None]:
+        train_step(model, ours, opt, inject)
+    assert ours.get_scale() == 32.0 and ours.skipped_steps == 1

@@ -231,7 +231,8 @@ def _sum_found(found_infs: Iterable[torch.Tensor], device: torch.device) -> torc
     """Sum the found-inf flags on ``device`` (as GradScaler: any positive value means a skip). No sync."""
     total: torch.Tensor | None = None
     for f in found_infs:
-        f = f.to(device=device, non_blocking=True)
+        if f.device != device:
+            f = f.to(device=device, non_blocking=True)
         total = f if total is None else total + f
     return total
 
@@ -735,19 +736,23 @@ class LossScaler(torch.amp.GradScaler):
                 grad = param.grad
                 if grad is None:
                     continue
-                if grad.dtype == fp16 and not allow_fp16:
+                dtype = grad.dtype
+                if dtype == fp16 and not allow_fp16:
                     raise ValueError(
                         "LossScaler cannot unscale FP16 gradients in place (GradScaler: 'Attempting to unscale "
                         "FP16 gradients.'): the unscaled values would underflow FP16 again. Keep parameters "
                         "(hence gradients) in FP32 and compute in FP16 with torch.autocast, or use BF16, whose "
                         "gradients keep FP32's range."
                     )
-                if grad.is_sparse and grad.dtype == fp16:
-                    # As GradScaler: duplicate indices of a scaled FP16 gradient may overflow when summed, so
-                    # check the coalesced values (this replaces ``param.grad``, with the same values).
-                    param.grad = grad = grad.coalesce()
-                values = _compat.sparse_values(grad) if grad.is_sparse else grad
-                key = (values.device, values.dtype, dt)
+                if grad.is_sparse:
+                    if dtype == fp16:
+                        # As GradScaler: duplicate indices of a scaled FP16 gradient may overflow when summed,
+                        # so check the coalesced values (this replaces ``param.grad``, with the same values).
+                        param.grad = grad = grad.coalesce()
+                    values = _compat.sparse_values(grad)
+                else:
+                    values = grad
+                key = (values.device, dtype, dt)
                 bucket = groups.get(key)
                 if bucket is None:
                     if not values.is_floating_point():
