@@ -941,16 +941,11 @@ class LossScaler(torch.amp.GradScaler):
         return None
 
     def _unscaled_overflow(self, optimizer: torch.optim.Optimizer, device: torch.device) -> bool:
-        """Whether an (already unscaled) gradient is non-finite, agreed across ranks. Syncs."""
+        """Whether an (already unscaled) gradient is non-finite, agreed across ranks. Reads only; syncs once."""
         groups, _ = self._gather_grads(optimizer, allow_fp16=True)
-        found = torch.zeros((), dtype=torch.float32, device=device)
         with torch.no_grad():
-            for (dev, _dtype, _dt), grads in groups.items():
-                flag = torch.zeros((), dtype=torch.float32, device=dev)
-                one = torch.ones((), dtype=torch.float32, device=dev)
-                # The fallback check reads the local shards without a collective; x * 1 leaves every value.
-                _compat.non_finite_check_and_unscale_([_compat.to_local(g) for g in grads], flag, one, impl="fallback")
-                found = torch.maximum(found, flag.to(device))
+            ok = [torch.isfinite(_compat.to_local(g)).all().to(device) for grads in groups.values() for g in grads]
+            found = torch.logical_not(torch.stack(ok).all()).float() if ok else torch.zeros((), device=device)
         if _dist_initialized():
             _all_reduce_max(found, self._process_group)
         return bool(found.item())
