@@ -341,3 +341,24 @@ def test_clamps_never_move_the_scale_the_wrong_way() -> None:
         assert s.scale.item() == 64.0  # a growth does not lower it to the ceiling
     assert update_scale_py(below, True, cfg).scale == 1.0
     assert update_scale_py(above, False, cfg).scale == 64.0
+
+
+def test_scale_floor_2_pow_minus_127() -> None:
+    """The rule never goes below 2^-127 (1/2^-128 overflows FP32); torch's kernel alone would reach 0."""
+    assert scaling.SCALE_FLOOR == 2.0**-127 and math.isinf(float(torch.tensor(2.0**-128).double().reciprocal().float()))
+    cfg = DynamicScaling(init_scale=2.0**-125, growth_interval=2)
+    assert scales(cfg, [T, T, T, F, F]) == [2.0**-126, 2.0**-127, 2.0**-127, 2.0**-127, 2.0**-126]
+    assert run_tensor(cfg, [T, T, T], "fused") == run_py(cfg, [T, T, T])
+    # A huge backoff: torch's own kernel flushes to 0; the rule stops at the floor.
+    cfg = DynamicScaling(init_scale=2.0**16, backoff_factor=1e-30)
+    assert scales(cfg, [T, T, T]) == [scaling._fp32(2.0**16 * 1e-30), 2.0**-127, 2.0**-127]
+    s, g = torch.tensor(2.0**16), torch.tensor(0, dtype=torch.int32)
+    for _ in range(2):
+        _compat.update_scale_(s, g, torch.tensor(1.0), 2.0, 1e-30, 2000)
+    assert s.item() == 0.0  # the negative control
+    # The general (hysteresis) path too, and a scale loaded below the floor comes back up to it.
+    cfg = DynamicScaling(init_scale=2.0**-120, hysteresis=2, backoff_factor=2.0**-10)
+    assert scales(cfg, [T, T, T]) == [2.0**-120, 2.0**-127, 2.0**-127]
+    low = PyScalingState(scale=2.0**-140)
+    assert update_scale_py(low, True, DynamicScaling()).scale == 2.0**-127
+    assert state_to_py(update_scale(scaling.state_from_py(low), torch.tensor(1.0), DynamicScaling())).scale == 2.0**-127
