@@ -448,3 +448,68 @@ def test_grad_scale_will_not_overflow(scaler_cls: ScalerCls) -> None:
     scaler.update()
     assert scaler._scale is not None
     assert bool(torch.isfinite(scaler._scale))
+
+
+@pytest.mark.parametrize("scaler_cls", SCALERS)
+def test_grad_scaler_pass_itself(scaler_cls: ScalerCls) -> None:
+    """test_torch.py: test_grad_scaler_pass_itself. An optimizer whose step takes ``grad_scaler`` gets the
+    scaler itself (a GradScaler), with a FutureWarning, and no attributes; one without gets ``grad_scale`` and
+    ``found_inf`` tensors."""
+    seen: dict[str, Any] = {}
+
+    class _PlaceHolderOptimizer(torch.optim.Optimizer):
+        _step_supports_amp_scaling = True
+
+        def __init__(self, params: Any) -> None:
+            super().__init__(params, {})
+
+    class Optimizer1(_PlaceHolderOptimizer):
+        def step(self, closure: Any = None, *, grad_scaler: Any = None) -> None:  # type: ignore[override]
+            seen["o1"] = (
+                isinstance(grad_scaler, torch.amp.GradScaler),
+                hasattr(self, "grad_scale"),
+                hasattr(self, "found_inf"),
+            )
+
+    class Optimizer2(_PlaceHolderOptimizer):
+        def step(self, closure: Any = None) -> None:  # type: ignore[override]
+            seen["o2"] = (
+                isinstance(getattr(self, "grad_scale", None), torch.Tensor),
+                isinstance(getattr(self, "found_inf", None), torch.Tensor),
+            )
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 4)
+    m = nn.Linear(4, 1)
+    o1, o2 = Optimizer1(m.parameters()), Optimizer2(m.parameters())
+    scaler = scaler_cls(DEVICE, init_scale=2.0)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        loss = m(x).mean()
+    scaler.scale(loss).backward()
+    with pytest.warns(FutureWarning):
+        scaler.step(o1)
+    scaler.step(o2)
+    scaler.update()
+    assert seen == {"o1": (True, False, False), "o2": (True, True)}
+    assert not hasattr(o2, "grad_scale") and not hasattr(o2, "found_inf")  # removed after the step
+
+
+@pytest.mark.parametrize("scaler_cls", SCALERS)
+def test_params_invalidated_with_grads_invalidated_between_unscale_and_step(scaler_cls: ScalerCls) -> None:
+    """test_torch.py: the test of that name. Gradients broken *after* ``unscale_`` are not checked again:
+    the step runs and the parameters become non-finite, for GradScaler and (at scale >= 1, where unscaling
+    cannot overflow and nothing is re-checked) for LossScaler alike."""
+    for ctor, kwargs in ((torch.optim.SGD, {}), (torch.optim.Adam, {"lr": 0.01, "foreach": True})):
+        model, _, optimizer, _, data, loss_fn, _ = _create_scaling_case(ctor, kwargs)
+        scaler = scaler_cls(DEVICE, init_scale=128.0)
+        for x, y in data:
+            optimizer.zero_grad()
+            with torch.autocast(DEVICE, dtype=torch.bfloat16):
+                loss = loss_fn(model(x), y)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            for j, param in enumerate(model.parameters()):  # deliberately break the gradients
+                param.grad.fill_(float("inf") if j % 2 else float("nan"))  # type: ignore[union-attr]
+            scaler.step(optimizer)
+            scaler.update()
+        assert all(bool(p.isnan().any() or p.isinf().any()) for p in model.parameters())
