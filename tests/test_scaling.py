@@ -206,18 +206,22 @@ def test_tensor_matches_python_twin(cfg: DynamicScaling, flags: list[bool]) -> N
 def test_torch_rule_matches_torch_kernel(
     init: float, growth: float, backoff: float, interval: int, flags: list[bool]
 ) -> None:
-    """update_scale (both paths), the Python twin and torch._amp_update_scale_ agree bit for bit."""
+    """update_scale (both paths), the Python twin and torch._amp_update_scale_ agree bit for bit: each step of
+    the rule is one step of torch's kernel followed by the 2^-127 floor (which only acts where torch's scale
+    would go below it)."""
     cfg = DynamicScaling(init_scale=init, growth_factor=growth, backoff_factor=backoff, growth_interval=interval)
     py = run_py(cfg, flags)
     assert run_tensor(cfg, flags, "fused") == py
     assert run_tensor(cfg, flags, "fallback") == py
     for impl in ("fused", "fallback"):
-        scale = torch.full((), init, dtype=torch.float32)
-        tracker = torch.zeros((), dtype=torch.int32)
+        before = init_state_py(cfg)
         for f, expected in zip(flags, py, strict=True):
+            scale = torch.full((), before.scale, dtype=torch.float32)
+            tracker = torch.full((), before.growth_tracker, dtype=torch.int32)
             _compat.update_scale_(scale, tracker, torch.tensor(float(f)), growth, backoff, interval, impl=impl)  # type: ignore[arg-type]
-            assert scale.item() == expected.scale
+            assert max(scale.item(), scaling.SCALE_FLOOR) == expected.scale
             assert tracker.item() == expected.growth_tracker
+            before = expected
 
 
 def test_fused_impl_refuses_other_rules() -> None:
