@@ -41,7 +41,7 @@ def _train_local(rank: int, scaler: Any) -> dict[str, Any]:
     torch.manual_seed(100 + rank)
     model = nn.Linear(6, 3)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    scales, stepped = [], []
+    scales, stepped, skips = [], [], []
     for t in range(STEPS):
         opt.zero_grad()
         before = model.weight.detach().clone()
@@ -53,7 +53,16 @@ def _train_local(rank: int, scaler: Any) -> dict[str, Any]:
         scaler.update()
         scales.append(scaler.get_scale())
         stepped.append(not torch.equal(before, model.weight))
-    return {"scales": scales, "stepped": stepped}
+        skips.append(_skip_summary(scaler))
+    return {"scales": scales, "stepped": stepped, "skips": skips}
+
+
+def _skip_summary(scaler: Any) -> tuple[str, list[tuple[str, int]]] | None:
+    """The forensics of the last step if it was skipped: reason, (culprit name, +inf count) (LossScaler)."""
+    if getattr(scaler, "last_step_skipped", None) is not True:
+        return None
+    ev = scaler.last_skip
+    return (ev.reason, [(c.name, c.posinf) for c in ev.culprits])
 
 
 def _scenario_ddp(rank: int) -> dict[str, Any]:
@@ -115,7 +124,7 @@ def _scenario_fsdp2(rank: int, fallback: bool = False) -> dict[str, Any]:
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     scaler = LossScaler(init_scale=2.0**10, growth_interval=3)
     torch.manual_seed(rank)
-    scales, stepped = [], []
+    scales, stepped, skips = [], [], []
     weight = model[0].weight
     for t in range(STEPS):
         opt.zero_grad()
@@ -127,6 +136,7 @@ def _scenario_fsdp2(rank: int, fallback: bool = False) -> dict[str, Any]:
         scaler.update()
         scales.append(scaler.get_scale())
         stepped.append(not torch.equal(before, weight.to_local()))
+        skips.append(_skip_summary(scaler))
     scaler_mod._all_reduce_max = real
     _compat.non_finite_check_and_unscale_ = real_check  # type: ignore[assignment]
     full = torch.cat([p.full_tensor().detach().reshape(-1) for p in model.parameters()])
@@ -136,6 +146,7 @@ def _scenario_fsdp2(rank: int, fallback: bool = False) -> dict[str, Any]:
         "own_collectives": calls["n"],
         "finite": bool(torch.isfinite(full).all()),
         "is_dtensor": type(weight.grad).__name__ if weight.grad is not None else None,
+        "skips": skips,
     }
 
 
@@ -184,6 +195,13 @@ def test_sharded_gradients_skip_together(results: list[dict[str, Any]]) -> None:
     # init 1024, growth every 2 finite steps: t0 F, t1 F -> 2048, t2 overflow -> 1024, t3, t4 -> 2048,
     # t5 -> 1024, t6 -> 512, t7 F.
     assert r0["scales"] == [1024, 2048, 1024, 1024, 2048, 1024, 512, 512]
+    # Forensics: the rank that overflowed names its parameter; the other says the flag came from elsewhere.
+    for t in range(STEPS):
+        if t in OVERFLOW_STEPS:
+            assert r1["skips"][t] == ("nonfinite_grads", [("param_groups[0].params[0]", 1)])
+            assert r0["skips"][t] == ("external", [])
+        else:
+            assert r0["skips"][t] is None and r1["skips"][t] is None
 
 
 @pytest.mark.parametrize("control", ["no_reduce", "torch"])
@@ -219,3 +237,8 @@ def test_fsdp2_skips_together_without_extra_collective(results: list[dict[str, A
     assert r0["scales"][2] == r0["scales"][1] / 2
     assert r0["own_collectives"] == r1["own_collectives"] == 0
     assert r0["finite"] and r1["finite"]
+    # Forensics read the local shard of the DTensor gradient.
+    assert [r1["skips"][t] for t in sorted(OVERFLOW_STEPS)] == [
+        ("nonfinite_grads", [("param_groups[0].params[0]", 1)])
+    ] * len(OVERFLOW_STEPS)
+    assert [r0["skips"][t] for t in sorted(OVERFLOW_STEPS)] == [("external", [])] * len(OVERFLOW_STEPS)
