@@ -64,10 +64,10 @@ def train(acc, model, opt, data, *, clip=None, inject_inf_at=(), start=0, record
     return out
 
 
-def setup(precision="fp16-mixed", scaler=None, seed=0, lr=1e-2):
+def setup(precision="fp16-mixed", scaler=None, seed=0, lr=1e-2, fused=False):
     acc = Accelerator(precision=precision, scaler=scaler, cpu=True)
     model = tiny_gpt2(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=fused or None)
     model, opt = acc.prepare(model, opt)
     return acc, model, opt
 
@@ -97,9 +97,12 @@ def test_plain_accelerate_fp16_on_cpu_is_fp32():
     assert not rec.any_fp16_valued()
 
 
-def test_scale_trajectory_skip_and_scheduler_rule():
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
+def test_scale_trajectory_and_skip(fused):
     scaler = LossScaler(init_scale=2.0**10, growth_interval=2)
-    acc, model, opt = setup(scaler=scaler)
+    acc, model, opt = setup(scaler=scaler, fused=fused)
+    # A fused optimizer unscales and skips inside its own step (accelerate alone reports no skip then).
+    assert getattr(unwrap_optimizer(opt), "_step_supports_amp_scaling", False) == fused
     assert acc.scaler is scaler
     inf_at = 3
     before = {}

@@ -55,6 +55,25 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     return optimizer
 
 
+class _ScaledOptimizer(_AcceleratedOptimizer):  # type: ignore[misc]
+    """accelerate's ``AcceleratedOptimizer`` whose ``step_was_skipped`` is also right for optimizers that skip
+    inside their own step (``_step_supports_amp_scaling``, e.g. ``AdamW(fused=True)``, the HF Trainer's
+    default): accelerate infers a skip from ``optimizer.step`` not having been called, but those optimizers
+    are always called, with ``found_inf``. For them the scaler's own count decides (one sync per step)."""
+
+    def step(self, closure: Any = None) -> None:
+        super().step(closure)
+        scaler = self.scaler
+        if (
+            scaler is not None
+            and scaler.is_enabled()
+            and self.gradient_state.sync_gradients
+            and getattr(self.optimizer, "_step_supports_amp_scaling", False)
+        ):
+            # After update(): consecutive_skips > 0 exactly when this iteration's step was skipped.
+            self._is_overflow = scaler.consecutive_skips > 0
+
+
 class Accelerator(_accelerate.Accelerator):  # type: ignore[misc]
     """An ``accelerate.Accelerator`` that trains in a lossscale recipe with a :class:`LossScaler`.
 
@@ -132,7 +151,22 @@ class Accelerator(_accelerate.Accelerator):  # type: ignore[misc]
         with recipe_context(self.precision, self.emulate):
             yield
 
-    # -- scaler --------------------------------------------------------------------------------------------
+    # -- optimizer and scaler ------------------------------------------------------------------------------
+    def prepare_optimizer(self, optimizer: torch.optim.Optimizer, device_placement: bool | None = None) -> Any:
+        """Wrap ``optimizer`` as accelerate does (an ``AcceleratedOptimizer`` that calls ``scaler.step`` and
+        ``scaler.update``), with ``step_was_skipped`` right for fused optimizers too. No sync."""
+        if getattr(optimizer, "_is_accelerate_prepared", False) or isinstance(optimizer, _AcceleratedOptimizer):
+            if optimizer not in self._optimizers:
+                self._optimizers.append(optimizer)
+            return optimizer
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if device_placement is None:
+            device_placement = self.device_placement
+        wrapped = _ScaledOptimizer(optimizer, device_placement=device_placement, scaler=self.scaler)
+        self._optimizers.append(wrapped)
+        return wrapped
+
     def unscale_gradients(self, optimizer: Any = None) -> None:
         """Unscale the gradients of ``optimizer`` (default: every prepared optimizer) with the scaler. A no-op
         without a scaler. Call at most once per step (``clip_grad_norm_`` calls it). No sync."""
