@@ -20,17 +20,21 @@ _GEMM_OPERANDS = {
 }
 
 
-def fp16_valued(t: torch.Tensor) -> bool:
-    """Every element is exactly representable in FP16 (checked by a round trip through torch's own cast)."""
+def representable(t: torch.Tensor, dtype: torch.dtype = torch.float16) -> bool:
+    """Every element is exactly representable in ``dtype`` (a round trip through torch's own cast; NaN and
+    inf, which an overflowed backward produces, are values of the format too)."""
     x = t.detach().float()
-    return bool(torch.equal(x.half().float(), x))
+    back = x.to(dtype).float()
+    return bool(((back == x) | (back.isnan() & x.isnan())).all())
 
 
 class GemmRecorder(TorchDispatchMode):
-    """Records, for every aten GEMM, the operands' dtypes and whether their values are FP16-representable."""
+    """Records, for every aten GEMM, the operands' dtypes and whether their values are representable in
+    ``dtype`` (FP16 by default)."""
 
-    def __init__(self) -> None:
+    def __init__(self, dtype: torch.dtype = torch.float16) -> None:
         super().__init__()
+        self.dtype = dtype
         self.records: list[tuple[str, tuple[torch.dtype, ...], bool]] = []
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
@@ -38,17 +42,17 @@ class GemmRecorder(TorchDispatchMode):
         if positions is not None:
             ops = [args[i] for i in positions]
             self.records.append(
-                (str(func), tuple(o.dtype for o in ops), all(fp16_valued(o) for o in ops))
+                (str(func), tuple(o.dtype for o in ops), all(representable(o, self.dtype) for o in ops))
             )
         return func(*args, **(kwargs or {}))
 
     def dtypes(self) -> set[torch.dtype]:
         return {d for _, ds, _ in self.records for d in ds}
 
-    def all_fp16_valued(self) -> bool:
+    def all_representable(self) -> bool:
         return all(ok for _, _, ok in self.records)
 
-    def any_fp16_valued(self) -> bool:
+    def any_representable(self) -> bool:
         return any(ok for _, _, ok in self.records)
 
 

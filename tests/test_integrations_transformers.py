@@ -93,23 +93,27 @@ def train_logs(trainer):
 def test_fp16_true_on_cpu_is_emulated(tmp_path):
     # Without dropout: the emulated attention's dropout path feeds an FP32 operand (dO / rowsum) into its
     # backward GEMMs (a limitation of lossscale.emulate's composite attention, not of this integration).
-    trainer = LossScaleTrainer(model=tiny_gpt2(dropout=0.0), args=args(tmp_path, fp16=True, max_steps=1), train_dataset=dataset())
+    trainer = LossScaleTrainer(
+        model=tiny_gpt2(dropout=0.0), args=args(tmp_path, fp16=True, max_steps=1), train_dataset=dataset()
+    )
     assert trainer.precision.name == "fp16-mixed" and isinstance(trainer.scaler, LossScaler)
     with GemmRecorder() as rec:
         trainer.train()
     assert len(rec.records) >= 10
     assert rec.dtypes() == {torch.float32}
-    assert rec.all_fp16_valued()
+    assert rec.all_representable()
 
 
 def test_plain_trainer_fp16_on_cpu_is_fp32(tmp_path):
     """Negative control: TrainingArguments(fp16=True, use_cpu=True) with the plain Trainer is silently FP32."""
-    trainer = transformers.Trainer(model=tiny_gpt2(), args=args(tmp_path, fp16=True, max_steps=1), train_dataset=dataset())
+    trainer = transformers.Trainer(
+        model=tiny_gpt2(), args=args(tmp_path, fp16=True, max_steps=1), train_dataset=dataset()
+    )
     assert trainer.accelerator.scaler is None
     with GemmRecorder() as rec:
         trainer.train()
     assert rec.dtypes() == {torch.float32}
-    assert not rec.any_fp16_valued()
+    assert not rec.any_representable()
 
 
 def test_trajectory_skip_scheduler_and_true_grad_norm(tmp_path):

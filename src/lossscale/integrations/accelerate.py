@@ -37,7 +37,7 @@ from ._common import (
     scaler_metrics,
 )
 
-_accelerate = import_framework("accelerate", "accelerate")
+_AcceleratorBase: Any = import_framework("accelerate", "accelerate").Accelerator
 _AcceleratedOptimizer: Any = import_framework("accelerate.optimizer", "accelerate").AcceleratedOptimizer
 _convert_outputs_to_fp32: Any = import_framework("accelerate.utils", "accelerate").convert_outputs_to_fp32
 
@@ -74,7 +74,7 @@ class _ScaledOptimizer(_AcceleratedOptimizer):  # type: ignore[misc]
             self._is_overflow = scaler.consecutive_skips > 0
 
 
-class Accelerator(_accelerate.Accelerator):  # type: ignore[misc]
+class Accelerator(_AcceleratorBase):  # type: ignore[misc]
     """An ``accelerate.Accelerator`` that trains in a lossscale recipe with a :class:`LossScaler`.
 
     Args:
@@ -129,14 +129,15 @@ class Accelerator(_accelerate.Accelerator):  # type: ignore[misc]
         self.scaler = chosen
 
     # -- forward -------------------------------------------------------------------------------------------
-    def prepare_model(self, model: torch.nn.Module, device_placement: bool | None = None, evaluation_mode: bool = False) -> Any:
+    def prepare_model(
+        self, model: torch.nn.Module, device_placement: bool | None = None, evaluation_mode: bool = False
+    ) -> Any:
         """accelerate's ``prepare_model``, with ``model.forward`` run under :func:`lossscale.autocast` (as
         accelerate wraps ``torch.autocast`` for its native mixed precision); outputs are returned in FP32.
         No sync."""
         if not self.precision.is_fp32 and getattr(model, _WRAPPED_FLAG, None) is None:
-            model._lossscale_original_forward = model.forward  # type: ignore[assignment]
             forward = autocast_forward(model.forward, self.precision, self.emulate)
-            model.forward = _convert_outputs_to_fp32(forward)  # type: ignore[method-assign]
+            setattr(model, "forward", _convert_outputs_to_fp32(forward))  # noqa: B010 (an instance attribute)
             setattr(model, _WRAPPED_FLAG, self.precision.name)
         return super().prepare_model(model, device_placement=device_placement, evaluation_mode=evaluation_mode)
 

@@ -1,10 +1,10 @@
 """Lightning with lossscale: :class:`LossScalePrecision`, a precision plugin for ``Trainer(plugins=[...])``.
 
-What plain Lightning does: ``Trainer(precision="16-mixed")`` on CPU runs ``torch.autocast("cpu", float16)``
-(native CPU FP16 kernels, not what a GPU rounds), ``Trainer(precision=lossscale.Precision(...))`` or
-``"fp8-hybrid"`` is rejected, and ``MixedPrecision(scaler=LossScaler())`` runs native CPU FP16, not the
-emulation. This plugin runs the recipe through :func:`lossscale.autocast` (native on CUDA where possible,
-emulated elsewhere) with a :class:`lossscale.LossScaler`:
+What plain Lightning does on CPU: ``Trainer(precision="16-mixed")`` warns and trains in BF16 autocast
+instead; ``MixedPrecision("16-mixed", "cpu", scaler=LossScaler())`` runs ``torch.autocast("cpu", float16)``
+(torch's native CPU FP16 kernels, not what a GPU rounds); ``Trainer(precision="fp8-hybrid")`` or a
+``lossscale.Precision`` is rejected. This plugin runs the recipe through :func:`lossscale.autocast` (native
+on CUDA where possible, emulated elsewhere) with a :class:`lossscale.LossScaler`:
 
     training_step       under lossscale.autocast (the backward stays rounded after the step returns)
     backward            scaler.scale(loss).backward()
