@@ -98,3 +98,15 @@ def reset_accelerate_state() -> None:
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+
+
+def doc_example(section: str) -> str:
+    """The first python block under ``## {section}`` in docs/integrations.md (the docs' runnable examples)."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "integrations.md").read_text()
+    body = text.split(f"\n## {section}\n", 1)[1]
+    match = re.search(r"```python\n(.*?)```", body, re.S)
+    assert match is not None, section
+    return match.group(1)

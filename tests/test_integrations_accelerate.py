@@ -17,6 +17,7 @@ from lossscale.integrations.accelerate import Accelerator, unwrap_optimizer  # n
 
 from .integration_utils import (  # noqa: E402
     GemmRecorder,
+    doc_example,
     gradscaler_trajectory,
     params_equal,
     reset_accelerate_state,
@@ -236,3 +237,11 @@ def test_cuda_fp16_native_with_loss_scaler():
     norm = acc.clip_grad_norm_(model.parameters(), 1.0)
     assert math.isfinite(norm.item())
     opt.step()
+
+
+def test_docs_example_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    exec(compile(doc_example("accelerate"), "docs/integrations.md", "exec"), {})  # noqa: S102 - our own docs
+    scale, skipped, was_skipped, norm = capsys.readouterr().out.split()
+    assert float(scale) > 0 and int(skipped) >= 0 and was_skipped in ("True", "False")
+    assert math.isfinite(float(norm)) and (tmp_path / "ckpt" / "scaler.pt").is_file()

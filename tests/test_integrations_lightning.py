@@ -13,7 +13,13 @@ pl = pytest.importorskip("lightning.pytorch")
 from lossscale import LossScaler  # noqa: E402
 from lossscale.integrations.lightning import LossScalePrecision, unwrap_optimizer  # noqa: E402
 
-from .integration_utils import GemmRecorder, gradscaler_trajectory, params_equal, unscaled_norm  # noqa: E402
+from .integration_utils import (  # noqa: E402
+    GemmRecorder,
+    doc_example,
+    gradscaler_trajectory,
+    params_equal,
+    unscaled_norm,
+)
 
 BATCHES_PER_EPOCH = 5
 
@@ -228,3 +234,12 @@ def test_bf16_plugin_runs_emulated_without_scaler():
     assert plugin.scaler is None
     assert rec.dtypes() == {torch.float32}
     assert rec.all_representable()  # every GEMM operand holds BF16 values
+
+
+def test_docs_example_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    exec(compile(doc_example("Lightning"), "docs/integrations.md", "exec"), {})  # noqa: S102 - our own docs
+    scale, skipped = capsys.readouterr().out.strip().splitlines()[-1].split()
+    assert scale.startswith("tensor(") and skipped.isdigit()
+    (ckpt,) = tmp_path.rglob("*.ckpt")  # Lightning's default checkpoint carries the scaler
+    assert torch.load(ckpt, weights_only=False)["LossScalePrecision"]["state"]["scale"] == float(scale[7:-2])

@@ -16,6 +16,7 @@ from lossscale.integrations.transformers import GradientMonitorCallback, LossSca
 
 from .integration_utils import (  # noqa: E402
     GemmRecorder,
+    doc_example,
     gradscaler_trajectory,
     params_equal,
     reset_accelerate_state,
@@ -238,3 +239,11 @@ def test_options_are_checked(tmp_path):
     assert isinstance(trainer.scaler, LossScaler)
     with pytest.raises(TypeError, match="monitor"):
         LossScaleTrainer(model=tiny_gpt2(), args=args(tmp_path), monitor=3.5)
+
+
+def test_docs_example_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    exec(compile(doc_example("Hugging Face Trainer"), "docs/integrations.md", "exec"), {})  # noqa: S102
+    out = capsys.readouterr().out
+    assert "'loss_scale': 65536.0" in out and "'grad_health/e5m2/underflow'" in out
+    assert (tmp_path / "out" / "checkpoint-10" / "scaler.pt").is_file()
