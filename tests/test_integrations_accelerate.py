@@ -223,6 +223,7 @@ def test_unwrap_optimizer_by_type():
         unwrap_optimizer(torch.optim.lr_scheduler.StepLR(inner, 1))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_fp16_native_with_loss_scaler():
     acc = Accelerator(precision="fp16-mixed")
