@@ -182,6 +182,23 @@ class Accelerator(_AcceleratorBase):  # type: ignore[misc]
         for opt in optimizers:
             self.scaler.unscale_(unwrap_optimizer(opt))
 
+    def load_state(self, *args: Any, **kwargs: Any) -> Any:
+        """accelerate's ``load_state`` (models, optimizers, RNG and ``scaler.pt`` into the scaler).
+
+        Under FSDP2 accelerate calls the GradScaler-private ``_lazy_init_scale_growth_tracker`` on the scaler;
+        a scaler without it raises NotImplementedError here rather than AttributeError deep inside.
+        """
+        if (
+            self.scaler is not None
+            and getattr(self, "is_fsdp2", False)
+            and not hasattr(self.scaler, "_lazy_init_scale_growth_tracker")
+        ):
+            raise NotImplementedError(
+                "load_state under FSDP2 needs a scaler with torch.amp.GradScaler's _lazy_init_scale_growth_tracker, "
+                "which this LossScaler does not have"
+            )
+        return super().load_state(*args, **kwargs)
+
     def scaler_metrics(self) -> dict[str, torch.Tensor]:
         """``{"loss_scale", "skipped_steps"}`` as 0-d device tensors (no sync); empty without a scaler."""
         scaler: LossScaler | None = self.scaler
