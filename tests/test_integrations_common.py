@@ -20,8 +20,15 @@ from lossscale.integrations._common import (
 
 @pytest.mark.parametrize(
     ("name", "needs"),
-    [("fp32", False), ("bf16-mixed", False), ("fp16-mixed", True), ("fp8-hybrid", True), ("compute=e4m3,grad=e5m2", True), ("compute=e5m2", False),
-     ("compute=fp16,grad=bf16", False)],
+    [
+        ("fp32", False),
+        ("bf16-mixed", False),
+        ("fp16-mixed", True),
+        ("fp8-hybrid", True),
+        ("compute=e4m3,grad=e5m2", True),
+        ("compute=e5m2", False),  # FP8 GEMMs output BF16: the gradients are BF16
+        ("compute=fp16,grad=bf16", False),
+    ],
 )
 def test_default_scaler_follows_the_gradient_format(name, needs):
     recipe = resolve_precision(name)
