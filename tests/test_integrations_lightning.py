@@ -200,9 +200,14 @@ def test_monitor_metrics_are_logged():
     plugin = LossScalePrecision("fp16-mixed", monitor={"formats": "fp16,e5m2", "every": 2})
     model = Net()
     trainer(plugin, max_steps=3).fit(model, loader())
-    assert plugin.monitor is None  # removed at teardown
     for m in model.metrics:
         assert 0.0 <= m["grad_health/fp16/underflow"] <= m["grad_health/e5m2/underflow"] <= 1.0
+    stats = plugin.monitor.read()  # hooks removed at teardown; the statistics stay readable
+    assert stats.sampled == 2 and stats.steps.tolist() == [0, 2]
+    assert stats.scales.tolist() == [65536.0, model.scales[1]]  # measured at the scale each step used
+    # The monitor saw the torch optimizer's steps (swamping needs its step hooks): weights were updated.
+    weights = [i for i, e in enumerate(stats.entries) if e.kind == "weight"]
+    assert stats.total[weights, stats.columns.updated].sum() > 0
 
 
 def test_options_and_state_checks():

@@ -85,7 +85,7 @@ class LossScalePrecision(_PrecisionBase):  # type: ignore[misc]
         monitor: None, True (default formats, every 100 steps), a format list (``"fp16,e5m2"``), a dict of
             :class:`GradientMonitor` keywords, or a :class:`GradientMonitor`. Built at ``connect`` on the
             model and its (first) torch optimizer; its per-format summary is logged on sampled steps (one
-            sync per sampled step).
+            sync per sampled step); ``plugin.monitor.read()`` gives the full statistics after ``fit``.
 
     Attributes:
         recipe: the :class:`lossscale.Precision`; ``precision``: the Lightning flag string
@@ -122,7 +122,11 @@ class LossScalePrecision(_PrecisionBase):  # type: ignore[misc]
 
     # -- setup ---------------------------------------------------------------------------------------------
     def connect(self, model: torch.nn.Module, optimizers: list[Any], lr_schedulers: list[Any]) -> Any:
-        if self.monitor is None and self._monitor_spec not in (None, False):
+        """Lightning's hook after the optimizers exist: builds the monitor (a fresh one per ``fit``) on the
+        model and the first torch optimizer (unwrapped from ``LightningOptimizer`` by type). No sync."""
+        if isinstance(self._monitor_spec, GradientMonitor):
+            self.monitor = self._monitor_spec
+        elif self._monitor_spec is not None and self._monitor_spec is not False:
             opt = unwrap_optimizer(optimizers[0]) if optimizers else None
             self.monitor = make_monitor(self._monitor_spec, model, opt, self.scaler)
         return super().connect(model, optimizers, lr_schedulers)
@@ -221,9 +225,9 @@ class LossScalePrecision(_PrecisionBase):  # type: ignore[misc]
         self.scaler.load_state_dict(state_dict)
 
     def teardown(self) -> None:
+        """Remove the hooks of a monitor built by the plugin; ``plugin.monitor.read()`` still works after fit."""
         if self.monitor is not None and not isinstance(self._monitor_spec, GradientMonitor):
             self.monitor.remove()
-            self.monitor = None
         super().teardown()
 
     def __repr__(self) -> str:
