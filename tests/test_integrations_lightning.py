@@ -197,14 +197,17 @@ def test_resume_at_epoch_boundary_is_bit_exact(tmp_path):
 
 
 def test_monitor_metrics_are_logged():
-    plugin = LossScalePrecision("fp16-mixed", monitor={"formats": "fp16,e5m2", "every": 2})
+    plugin = LossScalePrecision(
+        "fp16-mixed", scaler=LossScaler(init_scale=2.0**10), monitor={"formats": "fp16,e5m2", "every": 2}
+    )
     model = Net()
     trainer(plugin, max_steps=3).fit(model, loader())
     for m in model.metrics:
         assert 0.0 <= m["grad_health/fp16/underflow"] <= m["grad_health/e5m2/underflow"] <= 1.0
     stats = plugin.monitor.read()  # hooks removed at teardown; the statistics stay readable
     assert stats.sampled == 2 and stats.steps.tolist() == [0, 2]
-    assert stats.scales.tolist() == [65536.0, model.scales[1]]  # measured at the scale each step used
+    assert model.metrics[-1]["lossscale/skipped_steps"] == 0.0
+    assert stats.scales.tolist() == [1024.0, 1024.0]  # measured at the scale in use
     # The monitor saw the torch optimizer's steps (swamping needs its step hooks): weights were updated.
     weights = [i for i, e in enumerate(stats.entries) if e.kind == "weight"]
     assert stats.total[weights, stats.columns.updated].sum() > 0
