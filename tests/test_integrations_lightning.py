@@ -91,12 +91,13 @@ def _quiet():
 
 
 def test_fp16_mixed_on_cpu_is_emulated():
-    plugin = LossScalePrecision("fp16-mixed")
+    plugin = LossScalePrecision("fp16-mixed", scaler=LossScaler(init_scale=2.0**10))  # a step without overflow
     with GemmRecorder() as rec:
         trainer(plugin, max_steps=1).fit(Net(), loader())
     assert len(rec.records) >= 6  # 3 forward GEMMs + their backward GEMMs
     assert rec.dtypes() == {torch.float32}
     assert rec.all_representable()
+    assert plugin.scaler.skipped_steps == 0
 
 
 def test_plain_lightning_is_not_emulated():
