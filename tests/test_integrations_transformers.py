@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -247,3 +248,19 @@ def test_docs_example_runs(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "'loss_scale': 65536.0" in out and "'grad_health/e5m2/underflow'" in out
     assert (tmp_path / "out" / "checkpoint-10" / "scaler.pt").is_file()
+
+
+def test_monitor_callback_with_a_plain_trainer(tmp_path):
+    cb = GradientMonitorCallback(formats="fp16", every=1)
+    trainer = transformers.Trainer(
+        model=tiny_gpt2(), args=args(tmp_path, max_steps=2), train_dataset=dataset(), callbacks=[cb]
+    )
+    trainer.train()
+    stats = cb.monitor.read()
+    assert stats.sampled == 2 and np.isnan(stats.scales).all()  # no scaler in a plain FP32 Trainer
+    # It watched the torch optimizer inside the AcceleratedOptimizer (unwrapped by type): its step hooks saw
+    # the weights change ...
+    weights = [i for i, e in enumerate(stats.entries) if e.kind == "weight"]
+    assert stats.total[weights, stats.columns.updated].sum() > 0
+    # ... and its summary of the last sampled step is in `latest`.
+    assert cb.latest == monitor_summary(stats) and "grad_health/fp16/underflow" in cb.latest
