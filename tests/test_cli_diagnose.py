@@ -155,3 +155,44 @@ def test_example_deep_mlp(tmp_path: Path) -> None:
     d = json.loads((out / "diagnosis.json").read_text())
     assert d["meta"]["model"] == "example:deep-mlp"
     assert d["formats"]["fp16"]["needs_scaling"] is True and d["formats"]["bf16"]["underflow_fraction"] == 0.0
+
+
+def test_optimizer_flags_reach_the_run_and_the_report(
+    factories: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "opt"
+    argv = ["diagnose", "--model", f"{factories}.models:shallow", "--steps", "2", "--out", str(out), "--no-plots",
+            "--no-progress", "--optimizer", "adamw", "--lr", "1e-4", "--optimizer-arg", "betas=(0.8, 0.95)"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "AdamW(lr=0.0001, betas=(0.8, 0.95)" in printed.replace("\n", "")
+    d = json.loads((out / "diagnosis.json").read_text())
+    assert d["meta"]["optimizer"] == "AdamW"
+    assert d["meta"]["optimizer_defaults"]["lr"] == 1e-4 and d["meta"]["optimizer_defaults"]["betas"] == [0.8, 0.95]
+    assert "weight updates of AdamW(lr=0.0001" in (out / "diagnosis.md").read_text()
+    # Without --optimizer: SGD at lr 0.01, said so.
+    out2 = tmp_path / "sgd"
+    argv = ["diagnose", "--model", f"{factories}.models:shallow", "--steps", "2", "--out", str(out2), "--no-plots",
+            "--no-progress"]
+    assert main(argv) == 0
+    d2 = json.loads((out2 / "diagnosis.json").read_text())
+    assert d2["meta"]["optimizer_description"].startswith("SGD(lr=0.01")
+    assert d2["formats"]["bf16"]["swamping_fraction"] != d["formats"]["bf16"]["swamping_fraction"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--optimizer", "adamz"], "--optimizer: optimizer must be a torch.optim class name"),
+        (["--optimizer", "sgd", "--optimizer-arg", "momentum"], "--optimizer-arg must look like KEY=VALUE"),
+        (["--optimizer", "sgd", "--optimizer-arg", "momentum=fast"], "is not a Python literal"),
+        (["--optimizer", "sgd", "--optimizer-arg", "speed=1"], "SGD takes no argument 'speed'"),
+    ],
+)
+def test_bad_optimizer_flags_get_one_clear_line(
+    factories: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    argv = ["diagnose", "--model", "diagpkg.models:shallow", "--out", str(tmp_path / "x"), "--no-progress", *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1

@@ -34,6 +34,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._optimizers import (
+    DEFAULT_OPTIMIZER,
+    OptimizerFactory,
+    describe_optimizer,
+    optimizer_factory,
+    optimizer_settings,
+    unwrap_optimizer,
+)
 from .formats import FloatFormat, FormatLike
 from .monitor import HIST_MIN_LOG2, Columns, GradientMonitor, MonitorStats, thresholds
 
@@ -46,6 +54,7 @@ __all__ = [
     "LayerDiagnosis",
     "ScaleInterval",
     "diagnose",
+    "optimizer_factory",
     "recommend_scale",
     "underflow_count_at",
 ]
@@ -433,6 +442,18 @@ class Diagnosis:
             hist_weight=hw, hist_activation=ha, meta=d.get("meta", {}), emulation=d.get("emulation"),
         )
 
+    def swamping_basis(self) -> str:
+        """What the swamping figures assume: the optimizer that made the updates (from ``meta``)."""
+        desc = self.meta.get("optimizer_description") or self.meta.get("optimizer")
+        if desc:
+            return (
+                f"the swamping column counts the weight updates of {desc}; another optimizer or learning "
+                "rate makes updates of other sizes and swamps a different share."
+            )
+        if self.meta.get("updates"):
+            return f"the swamping column counts the weight updates given ({self.meta['updates']})."
+        return "no weight updates were measured, so swamping is n/a."
+
     def to_markdown(self) -> str:
         """A human-readable report: the verdict per format, then the layers with the most underflow."""
         lines = [
@@ -453,6 +474,7 @@ class Diagnosis:
                 f"| {name} | {fd.underflow_fraction:.3%} | {fd.subnormal_fraction:.3%} | "
                 f"{fd.overflow_fraction:.3%} | {'yes' if fd.needs_scaling else 'no'} | {rs} | {sw} |"
             )
+        lines += ["", f"*Swamping:* {self.swamping_basis()}"]
         lines += ["", "## Recommendations", ""]
         lines += [f"- **{name}**: {fd.recommendation}" for name, fd in self.formats.items()]
         lines += ["", "## Layers (underflow fraction at scale 1)", ""]
@@ -559,7 +581,8 @@ def diagnose(
     formats: Iterable[FormatLike] | str = ("bf16", "fp16", "e5m2"),
     steps: int = DEFAULT_STEPS,
     threshold: float = 1e-3,
-    optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None,
+    optimizer: OptimizerFactory | str | None = None,
+    optimizer_kwargs: Mapping[str, Any] | None = None,
     activations: bool = True,
     progress: Callable[[int, int], None] | None = None,
 ) -> Diagnosis:
@@ -579,8 +602,13 @@ def diagnose(
         formats: formats to judge (default bf16, fp16, e5m2).
         steps: training steps measured (default ``DEFAULT_STEPS`` = 8: seconds on a small model).
         threshold: acceptable underflow fraction (default 1e-3, the Adaptive Loss Scaling target).
-        optimizer: factory ``params -> torch.optim.Optimizer`` for the steps (swamping depends on it);
-            default ``torch.optim.SGD(params, lr=0.01)``.
+        optimizer: the optimizer of the steps; swamping depends on it (the update size decides
+            whether ``w + u`` rounds back to ``w``), so pass the one you train with: a factory
+            ``params -> torch.optim.Optimizer`` (a wrapped one, accelerate's or Lightning's, is unwrapped),
+            or a ``torch.optim`` class name (``"adamw"``) built with ``optimizer_kwargs``. Default
+            ``torch.optim.SGD(params, lr=0.01)``. The report names the optimizer it ran
+            (``meta["optimizer_description"]``).
+        optimizer_kwargs: keyword arguments for a named optimizer (``{"lr": 1e-4}``).
         activations: also measure activation gradients (leaf module outputs).
         progress: called as ``progress(done, steps)`` after each step.
 
@@ -602,14 +630,22 @@ def diagnose(
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     _check_threshold(threshold)
+    if isinstance(optimizer, str):
+        optimizer = optimizer_factory(optimizer, **dict(optimizer_kwargs or {}))
+    elif optimizer_kwargs:
+        raise ValueError("optimizer_kwargs needs optimizer given by name (e.g. optimizer='adamw')")
     if optimizer is not None and not callable(optimizer):
-        raise TypeError("optimizer must be a callable params -> torch.optim.Optimizer, or None")
+        raise TypeError(
+            "optimizer must be a callable params -> torch.optim.Optimizer, a torch.optim class name, or None"
+        )
 
     reference = copy.deepcopy(model).float().train()
     params = [p for p in reference.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no parameters that require grad")
-    opt = optimizer(params) if optimizer is not None else torch.optim.SGD(params, lr=0.01)
+    if optimizer is None:
+        optimizer = optimizer_factory(DEFAULT_OPTIMIZER[0], **DEFAULT_OPTIMIZER[1])
+    opt = unwrap_optimizer(optimizer(params))
     if not isinstance(opt, torch.optim.Optimizer):
         raise TypeError(f"optimizer factory must return a torch.optim.Optimizer, got {type(opt).__name__}")
     monitor = GradientMonitor(reference, formats, every=1, optimizer=opt, activations=activations, history=1)
@@ -634,7 +670,8 @@ def diagnose(
         monitor.remove()
     meta = {
         "optimizer": type(opt).__name__,
-        "optimizer_defaults": {k: v for k, v in opt.defaults.items() if isinstance(v, (int, float, bool, str))},
+        "optimizer_defaults": optimizer_settings(opt),
+        "optimizer_description": describe_optimizer(opt),
         "formats": [f.name for f in monitor.formats],
         "steps_requested": steps,
         "activations": activations,

@@ -24,12 +24,14 @@ examples:
   lossscale diagnose --example deep-mlp                  30-layer tanh MLP: fp16 and e5m2 need a loss scale
   lossscale diagnose --example cnn --formats bf16,fp16,e4m3,e5m2 --steps 16 --out runs/cnn
   lossscale diagnose --model mypkg.models:make_diag      your own model
+  lossscale diagnose --model mypkg.models:make_diag --optimizer adamw --lr 1e-4 --optimizer-arg weight_decay=0.1
 
 --model PACKAGE.MODULE:FACTORY names a function taking no arguments that returns (model, loss_fn, batches):
 an nn.Module, loss_fn(model, batch) -> scalar loss tensor, and an iterable of batches. The steps run in FP32
-on a copy of the model (SGD, lr 0.01); the format columns say what rounding those FP32 gradients to each
-format would do. Writes diagnosis.json, diagnosis.md and PNG figures into --out (default ./lossscale-diagnosis).
-Default steps: {DEFAULT_STEPS}.
+on a copy of the model with --optimizer (default SGD, lr 0.01; swamping depends on it, so name the optimizer
+you train with: any torch.optim class, case-insensitive, or PACKAGE.MODULE:CLASS); the format columns say
+what rounding those FP32 gradients to each format would do. Writes diagnosis.json, diagnosis.md and PNG
+figures into --out (default ./lossscale-diagnosis). Default steps: {DEFAULT_STEPS}.
 """
 
 
@@ -52,6 +54,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     p.add_argument("--threshold", type=float, default=1e-3, metavar="T",
                    help="acceptable underflow fraction (default 1e-3)")
+    p.add_argument("--optimizer", default=None, metavar="NAME",
+                   help="optimizer of the steps: a torch.optim class (adamw, sgd, ...) or PACKAGE.MODULE:CLASS "
+                   "(default sgd with lr 0.01)")
+    p.add_argument("--lr", type=float, default=None, metavar="X",
+                   help="learning rate (default: 0.01 for the default SGD, else the optimizer's own default)")
+    p.add_argument("--optimizer-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="another optimizer keyword argument, a Python literal (repeatable): weight_decay=0.1, "
+                   "betas=(0.9,0.95)")
     p.add_argument("--seed", type=int, default=0, help="seed for --example and torch (default 0)")
     p.add_argument("--out", type=Path, default=Path("lossscale-diagnosis"), metavar="DIR",
                    help="output folder (default ./lossscale-diagnosis)")
@@ -102,10 +112,36 @@ def _parse_formats(text: str) -> list[FloatFormat]:
     return fmts
 
 
+def _optimizer(args: argparse.Namespace) -> Callable[..., Any]:
+    import ast
+
+    from ..diagnose import optimizer_factory
+
+    kwargs: dict[str, Any] = {}
+    for item in args.optimizer_arg:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise CLIError(f"--optimizer-arg must look like KEY=VALUE, got {item!r}")
+        try:
+            kwargs[key.strip()] = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            raise CLIError(f"--optimizer-arg {key.strip()}: {text!r} is not a Python literal") from None
+    name = args.optimizer if args.optimizer is not None else "sgd"
+    if args.lr is not None:
+        kwargs["lr"] = args.lr
+    elif args.optimizer is None:
+        kwargs.setdefault("lr", 0.01)
+    try:
+        return optimizer_factory(name, **kwargs)
+    except (ValueError, TypeError) as err:
+        raise CLIError(f"--optimizer: {err}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
     fmts = _parse_formats(args.formats)
+    args.optimizer_factory = _optimizer(args)
     if args.steps < 1:
         raise CLIError(f"--steps must be >= 1, got {args.steps}")
     if not 0.0 <= args.threshold < 1.0:
@@ -153,12 +189,14 @@ def _run_with_progress(
     model: Any, loss_fn: Callable[..., Any], batches: Iterable[Any], fmts: list[FloatFormat], args: argparse.Namespace
 ) -> Diagnosis:
     if not args.progress:
-        return diagnose(model, loss_fn, batches, formats=fmts, steps=args.steps, threshold=args.threshold)
+        return diagnose(model, loss_fn, batches, formats=fmts, steps=args.steps, threshold=args.threshold,
+                        optimizer=args.optimizer_factory)
     try:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     except ImportError:  # the [cli] extra is optional
-        return diagnose(model, loss_fn, batches, formats=fmts, steps=args.steps, threshold=args.threshold)
+        return diagnose(model, loss_fn, batches, formats=fmts, steps=args.steps, threshold=args.threshold,
+                        optimizer=args.optimizer_factory)
     with Progress(
         TextColumn("measuring gradients"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=Console(stderr=True), transient=True,
@@ -166,7 +204,7 @@ def _run_with_progress(
         task = bar.add_task("steps", total=args.steps)
         return diagnose(
             model, loss_fn, batches, formats=fmts, steps=args.steps, threshold=args.threshold,
-            progress=lambda done, total: bar.update(task, completed=done),
+            optimizer=args.optimizer_factory, progress=lambda done, total: bar.update(task, completed=done),
         )
 
 
@@ -185,6 +223,7 @@ def _print_summary(d: Diagnosis, source: str) -> None:
         ])
     title = f"Gradient diagnosis of {source}: {d.steps} FP32 steps, {d.numel:,} gradient values"
     note = "FP32 reference: what rounding these gradients to each format WOULD do, at loss scale 1."
+    basis = f"Swamping: {d.swamping_basis()}"
     try:
         from rich.console import Console
         from rich.table import Table
@@ -195,6 +234,7 @@ def _print_summary(d: Diagnosis, source: str) -> None:
         for r in rows:
             print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
         print(note)
+        print(basis)
         for name, fd in d.formats.items():
             print(f"{name}: {fd.recommendation}")
         return
@@ -207,6 +247,8 @@ def _print_summary(d: Diagnosis, source: str) -> None:
     console = Console(width=max(120, len(title) + 4))
     console.print(table)
     from rich.markup import escape
+
+    console.print(escape(basis), highlight=False, soft_wrap=True)
 
     for name, fd in d.formats.items():
         console.print(f"[bold]{name}[/bold]: {escape(fd.recommendation)}", highlight=False)
