@@ -27,6 +27,7 @@ import copy
 import dataclasses
 import itertools
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -43,6 +44,7 @@ from ._optimizers import (
     unwrap_optimizer,
 )
 from .formats import FloatFormat, FormatLike
+from .noise import FP64RecomputationError, check_loss, numerically_zero_masks
 from .monitor import HIST_MIN_LOG2, Columns, GradientMonitor, MonitorStats, thresholds
 
 __all__ = [
@@ -242,6 +244,7 @@ class LayerDiagnosis:
     max_abs: float
     min_abs_nonzero: float | None
     formats: Mapping[str, Mapping[str, float | None]]
+    numerically_zero: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -249,6 +252,7 @@ class LayerDiagnosis:
             "kind": self.kind,
             "numel": self.numel,
             "zeros": self.zeros,
+            "numerically_zero": self.numerically_zero,
             "max_abs": self.max_abs,
             "min_abs_nonzero": self.min_abs_nonzero,
             "formats": {k: dict(v) for k, v in self.formats.items()},
@@ -275,6 +279,8 @@ class Diagnosis:
         steps: sampled steps the statistics cover.
         source: ``"fp32"`` or ``"emulated"`` (see ``SOURCE_NOTES``).
         numel, zeros, nonfinite: over all gradient elements.
+        numerically_zero: elements (of ``zeros``) whose FP32 gradient was rounding noise around an exact
+            zero (:mod:`lossscale.noise`), counted as zeros rather than underflow.
         hist_weight, hist_activation: counts of ``ceil(log2|g|)`` from ``HIST_MIN_LOG2`` (nonzero finite).
         meta: run description (optimizer, torch version, device, ...).
     """
@@ -293,6 +299,7 @@ class Diagnosis:
     meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     emulation: Mapping[str, Any] | None = None
     schema_version: int = SCHEMA_VERSION
+    numerically_zero: int = 0
 
     @property
     def hist(self) -> np.ndarray:
@@ -303,10 +310,18 @@ class Diagnosis:
 
     @classmethod
     def from_stats(
-        cls, stats: MonitorStats, *, threshold: float = 1e-3, meta: Mapping[str, Any] | None = None
+        cls,
+        stats: MonitorStats,
+        *,
+        threshold: float = 1e-3,
+        meta: Mapping[str, Any] | None = None,
+        numerically_zero: Mapping[str, int] | None = None,
     ) -> Diagnosis:
-        """Summarise a monitor's totals (host-side numpy; no device work)."""
+        """Summarise a monitor's totals (host-side numpy; no device work). ``numerically_zero``: per weight
+        entry name, how many of its elements per sampled step were excluded as rounding noise (measured as
+        zeros through the monitor's ``exclude``)."""
         _check_threshold(threshold)
+        nz_per_step = dict(numerically_zero or {})
         cols = stats.columns
         everything = stats.kind_total(None)
         w_row = stats.kind_total("weight")
@@ -352,6 +367,7 @@ class Diagnosis:
                     max_abs=float(row[cols.MAX_ABS]),
                     min_abs_nonzero=_opt_float(float(row[cols.MIN_ABS])),
                     formats=per,
+                    numerically_zero=int(nz_per_step.get(e.name, 0)) * stats.sampled if e.kind == "weight" else 0,
                 )
             )
         return cls(
@@ -370,6 +386,7 @@ class Diagnosis:
             emulation=None
             if stats.emulation is None
             else {f"{site}|{fmt}": dict(v) for (site, fmt), v in stats.emulation.items()},
+            numerically_zero=sum(x.numerically_zero for x in layers),
         )
 
     # -- output --------------------------------------------------------------------------------------------
@@ -386,6 +403,7 @@ class Diagnosis:
             "steps": self.steps,
             "numel": self.numel,
             "zeros": self.zeros,
+            "numerically_zero": self.numerically_zero,
             "nonfinite": self.nonfinite,
             "max_abs": self.max_abs,
             "formats": {name: fd.to_dict() for name, fd in self.formats.items()},
@@ -433,6 +451,7 @@ class Diagnosis:
             LayerDiagnosis(
                 name=x["name"], kind=x["kind"], numel=x["numel"], zeros=x["zeros"], max_abs=x["max_abs"],
                 min_abs_nonzero=x["min_abs_nonzero"], formats=x["formats"],
+                numerically_zero=x.get("numerically_zero", 0),
             )
             for x in d["layers"]
         )
@@ -440,7 +459,20 @@ class Diagnosis:
             formats=formats, layers=layers, threshold=d["threshold"], steps=d["steps"], source=d["source"],
             numel=d["numel"], zeros=d["zeros"], nonfinite=d["nonfinite"], max_abs=d["max_abs"],
             hist_weight=hw, hist_activation=ha, meta=d.get("meta", {}), emulation=d.get("emulation"),
+            numerically_zero=d.get("numerically_zero", 0),
         )
+
+    def _zero_note(self) -> list[str]:
+        if not self.numerically_zero:
+            return []
+        names = [x.name for x in self.layers if x.numerically_zero]
+        shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+        return [
+            "",
+            f"*Numerically zero:* {self.numerically_zero:,} gradient elements ({shown}) are rounding noise "
+            "around an exact zero (their FP64 recomputation is at least 1024x smaller than the FP32 value, "
+            "e.g. an attention key bias, to which softmax is invariant): counted as zeros, not as underflow.",
+        ]
 
     def swamping_basis(self) -> str:
         """What the swamping figures assume: the optimizer that made the updates (from ``meta``)."""
@@ -463,6 +495,7 @@ class Diagnosis:
             f"{self.steps} sampled steps, {self.numel:,} gradient elements ({self.zeros:,} exactly zero in FP32"
             + (f", {self.nonfinite:,} inf/NaN" if self.nonfinite else "")
             + f"), threshold {self.threshold:g}.",
+            *self._zero_note(),
             "",
             "| format | underflow | subnormal | overflow | needs scaling | recommended scale | swamping |",
             "|---|---:|---:|---:|---|---|---:|",
@@ -483,6 +516,8 @@ class Diagnosis:
         lines.append("|---|---|---:|---:|---:|" + "---:|" * len(names))
         for layer in self.layers:
             mn = "-" if layer.min_abs_nonzero is None else f"{layer.min_abs_nonzero:.3g}"
+            if layer.numerically_zero:
+                mn += f" ({layer.numerically_zero:,} numerically zero)"
             cells = " | ".join(f"{float(layer.formats[n]['underflow_fraction'] or 0.0):.3%}" for n in names)
             lines.append(
                 f"| {layer.name} | {layer.kind} | {layer.numel:,} | {layer.max_abs:.3g} | {mn} | {cells} |"
@@ -584,6 +619,7 @@ def diagnose(
     optimizer: OptimizerFactory | str | None = None,
     optimizer_kwargs: Mapping[str, Any] | None = None,
     activations: bool = True,
+    zero_check: bool = True,
     progress: Callable[[int, int], None] | None = None,
 ) -> Diagnosis:
     """Train a copy of ``model`` in FP32 for ``steps`` steps, measuring every gradient, and judge each format.
@@ -610,6 +646,10 @@ def diagnose(
             (``meta["optimizer_description"]``).
         optimizer_kwargs: keyword arguments for a named optimizer (``{"lr": 1e-4}``).
         activations: also measure activation gradients (leaf module outputs).
+        zero_check: before the steps, recompute the first batch's weight gradients in FP32 and FP64 and
+            count the elements whose FP32 value is rounding noise around an exact zero (e.g. an attention
+            key bias) as zeros, not underflow (:mod:`lossscale.noise`; reported as ``numerically_zero``).
+            When the model cannot run in FP64 this warns and goes on without it.
         progress: called as ``progress(done, steps)`` after each step.
 
     Example:
@@ -648,26 +688,33 @@ def diagnose(
     opt = unwrap_optimizer(optimizer(params))
     if not isinstance(opt, torch.optim.Optimizer):
         raise TypeError(f"optimizer factory must return a torch.optim.Optimizer, got {type(opt).__name__}")
-    monitor = GradientMonitor(reference, formats, every=1, optimizer=opt, activations=activations, history=1)
+    monitor: GradientMonitor | None = None
+    zero_note = "off"
+    masks: dict[str, torch.Tensor] = {}
     done = 0
     try:
         for batch in _batches(batches, steps):
+            if monitor is None:  # built at the first batch, which the numerically-zero check needs
+                if zero_check:
+                    masks, zero_note = _zero_masks(reference, loss_fn, batch)
+                monitor = GradientMonitor(
+                    reference, formats, every=1, optimizer=opt, activations=activations, history=1, exclude=masks
+                )
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(reference, batch)
-            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                got = type(loss).__name__
-                if isinstance(loss, torch.Tensor):
-                    got = f"a tensor of shape {tuple(loss.shape)}"
-                raise TypeError(f"loss_fn must return a scalar loss tensor, got {got}")
+            check_loss(loss)
             loss.reshape(()).backward()  # type: ignore[no-untyped-call]
             opt.step()
             monitor.step()
             done += 1
             if progress is not None:
                 progress(done, steps)
+        if monitor is None:
+            raise ValueError("batches must yield at least one batch")
         stats = monitor.read()
     finally:
-        monitor.remove()
+        if monitor is not None:
+            monitor.remove()
     meta = {
         "optimizer": type(opt).__name__,
         "optimizer_defaults": optimizer_settings(opt),
@@ -675,7 +722,28 @@ def diagnose(
         "formats": [f.name for f in monitor.formats],
         "steps_requested": steps,
         "activations": activations,
+        "numerically_zero_check": zero_note,
         "torch_version": torch.__version__,
         "device": str(params[0].device),
     }
-    return Diagnosis.from_stats(stats, threshold=threshold, meta=meta)
+    per_step = {name: int(m.sum()) for name, m in masks.items()}
+    return Diagnosis.from_stats(stats, threshold=threshold, meta=meta, numerically_zero=per_step)
+
+
+def _zero_masks(
+    model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor], batch: Any
+) -> tuple[dict[str, torch.Tensor], str]:
+    """The numerically-zero masks of :mod:`lossscale.noise`, or none with a warning when the model cannot be
+    recomputed in FP64."""
+    try:
+        masks = numerically_zero_masks(model, loss_fn, batch)
+    except FP64RecomputationError as err:  # the model cannot run in FP64: say so and go on without the check
+        note = f"skipped: the FP64 recomputation failed ({err})"
+        warnings.warn(
+            f"diagnose: numerically-zero check {note}; gradients that are FP32 rounding noise will be counted "
+            "as underflow. Pass zero_check=False to silence this.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return {}, note
+    return masks, f"on: {sum(int(m.sum()) for m in masks.values())} elements per step in {len(masks)} parameters"

@@ -625,6 +625,9 @@ class GradientMonitor:
             low-precision run: the statistics are then marked ``source="emulated"`` and :meth:`read` reports
             the counters (what the rounding sites really did) beside the per-layer tables.
         weights, activations, history: see :class:`MonitorConfig`.
+        exclude: ``{parameter name: bool mask of its shape}``: elements whose gradients are measured as exact
+            zeros (what :func:`lossscale.diagnose` does with gradients it found to be rounding noise, see
+            :func:`lossscale.noise.numerically_zero_masks`). The training itself is not changed.
 
     Call :meth:`step` once per training step, after the optimizer step (and ``scaler.update()``). Hooks are
     removed by :meth:`remove` or on leaving a ``with`` block. Only :meth:`read` synchronises.
@@ -662,6 +665,7 @@ class GradientMonitor:
         weights: bool = True,
         activations: bool = True,
         history: int | None = 1000,
+        exclude: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -699,6 +703,7 @@ class GradientMonitor:
                     self._hook_sites.append(("activation", mod, len(entries)))
                     entries.append(Entry(name or type(mod).__name__, "activation"))
         self.entries: tuple[Entry, ...] = tuple(entries)
+        self._exclude = _exclude_masks(model, exclude, self._param_index)
         self._optimizer = optimizer
         self._attach()  # step 0 is sampled
         self._buf: torch.Tensor | None = None
@@ -794,7 +799,9 @@ class GradientMonitor:
                 g = p.grad.detach()
                 self._note_scale(g.device)
                 # A copy: .grad may still be unscaled, clipped or accumulated into before step().
-                self._pending_w[idx] = g.reshape(-1).clone()
+                mask = self._exclude.get(idx)
+                g = g.clone() if mask is None else g.masked_fill(mask, 0.0)
+                self._pending_w[idx] = g.reshape(-1)
 
         return hook
 
@@ -951,6 +958,25 @@ class GradientMonitor:
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
+
+
+def _exclude_masks(
+    model: nn.Module, exclude: Mapping[str, torch.Tensor] | None, index: Mapping[int, int]
+) -> dict[int, torch.Tensor]:
+    if exclude is None:
+        return {}
+    if not isinstance(exclude, Mapping):
+        raise TypeError(f"exclude must be a mapping of parameter name to bool mask, got {type(exclude).__name__}")
+    params = dict(model.named_parameters())
+    out: dict[int, torch.Tensor] = {}
+    for name, mask in exclude.items():
+        p = params.get(name)
+        if p is None or id(p) not in index:
+            raise ValueError(f"exclude: {name!r} is not a monitored parameter of the model")
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != p.shape:
+            raise ValueError(f"exclude[{name!r}] must be a bool tensor of shape {tuple(p.shape)}")
+        out[index[id(p)]] = mask.to(p.device)
+    return out
 
 
 def _combine_tables(a: torch.Tensor, b: torch.Tensor, cols: Columns) -> torch.Tensor:
