@@ -196,3 +196,38 @@ def test_bad_optimizer_flags_get_one_clear_line(
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_gradients_npz_from_another_framework(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import numpy as np
+
+    from lossscale import diagnose_gradients
+
+    g = np.random.default_rng(0)
+    arrays = {"dense/kernel:0": (g.standard_normal((8, 8)) * 1e-8).astype(np.float32),
+              "dense/bias:0": g.standard_normal(8).astype(np.float32)}
+    np.savez(tmp_path / "grads.npz", **arrays)
+    out = tmp_path / "npz"
+    argv = ["diagnose", "--gradients", str(tmp_path / "grads.npz"), "--formats", "bf16,fp16", "--out", str(out),
+            "--no-progress"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "exported arrays" in printed and "│ fp16" in printed
+    d = json.loads((out / "diagnosis.json").read_text())
+    want = diagnose_gradients(arrays, formats=("bf16", "fp16")).to_dict()
+    assert d["formats"] == json.loads(json.dumps(want["formats"]))
+    assert [x["name"] for x in d["layers"]] == ["dense/kernel:0", "dense/bias:0"]
+    assert d["meta"]["model"].startswith("gradients:") and d["formats"]["fp16"]["needs_scaling"] is True
+    for png in ("gradient_histogram.png", "layer_underflow.png", "top_layers.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_gradients_file_gets_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import numpy as np
+
+    np.savez(tmp_path / "ints.npz", w=np.arange(4))
+    for path, message in ((tmp_path / "missing.npz", "FileNotFoundError"), (tmp_path / "ints.npz", "floating-point")):
+        assert main(["diagnose", "--gradients", str(path), "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("lossscale diagnose: error: --gradients") and message in err
+        assert len(err.splitlines()) == 1

@@ -50,6 +50,7 @@ from .monitor import HIST_MIN_LOG2, Columns, GradientMonitor, MonitorStats, thre
 __all__ = [
     "DEFAULT_STEPS",
     "SCHEMA_VERSION",
+    "COVERAGE",
     "SOURCE_NOTES",
     "Diagnosis",
     "FormatDiagnosis",
@@ -75,6 +76,22 @@ SOURCE_NOTES = {
         "emulated low-precision run: the gradients were already rounded, so the format columns describe "
         "already-rounded values; the emulation's rounding-site counters (what really underflowed) are under "
         "'emulation'"
+    ),
+}
+
+# Which gradients each number covers (docs/diagnostics.md, "Which gradients each number covers").
+COVERAGE = {
+    "diagnosis": (
+        "every parameter's gradient (as accumulated in .grad) and the gradient of every leaf module's output "
+        "(Linear, GELU, LayerNorm, Dropout, ... alike), each element once per sampled step; fractions are over "
+        "all of these elements, exact zeros included"
+    ),
+    "emulation": (
+        "the emulation's rounding-site counters cover a different set: the gradients the emulated ops (GEMMs: "
+        "linear, convolution, matmul, attention, RNN) round in backward, per site, before any accumulation; "
+        "their underflow fraction is over the nonzero values entering a site. Parameters used outside GEMMs "
+        "(embeddings, norms) and element-wise modules' output gradients are not among them, so the two "
+        "fractions differ in numerator and denominator"
     ),
 }
 
@@ -399,6 +416,7 @@ class Diagnosis:
             "schema_version": self.schema_version,
             "source": self.source,
             "source_note": SOURCE_NOTES.get(self.source, ""),
+            "covers": self.meta.get("covers", COVERAGE["diagnosis"]),
             "threshold": self.threshold,
             "steps": self.steps,
             "numel": self.numel,
@@ -495,6 +513,8 @@ class Diagnosis:
             f"{self.steps} sampled steps, {self.numel:,} gradient elements ({self.zeros:,} exactly zero in FP32"
             + (f", {self.nonfinite:,} inf/NaN" if self.nonfinite else "")
             + f"), threshold {self.threshold:g}.",
+            "",
+            f"*What is counted:* {self.meta.get('covers', COVERAGE['diagnosis'])}.",
             *self._zero_note(),
             "",
             "| format | underflow | subnormal | overflow | needs scaling | recommended scale | swamping |",
@@ -524,6 +544,7 @@ class Diagnosis:
             )
         if self.emulation:
             lines += ["", "## Emulation rounding-site counters (what the emulated run really rounded)", ""]
+            lines += [f"*Not the same gradients as above:* {COVERAGE['emulation']}.", ""]
             lines.append("| site | format | elements | underflow | overflow |")
             lines.append("|---|---|---:|---:|---:|")
             for key, v in self.emulation.items():
@@ -722,6 +743,10 @@ def diagnose(
         "formats": [f.name for f in monitor.formats],
         "steps_requested": steps,
         "activations": activations,
+        "covers": COVERAGE["diagnosis"]
+        if activations
+        else COVERAGE["diagnosis"].split(" and the gradient of every leaf")[0]
+        + " (activation gradients not measured: activations=False), each element once per sampled step",
         "numerically_zero_check": zero_note,
         "torch_version": torch.__version__,
         "device": str(params[0].device),

@@ -25,6 +25,7 @@ examples:
   lossscale diagnose --example cnn --formats bf16,fp16,e4m3,e5m2 --steps 16 --out runs/cnn
   lossscale diagnose --model mypkg.models:make_diag      your own model
   lossscale diagnose --model mypkg.models:make_diag --optimizer adamw --lr 1e-4 --optimizer-arg weight_decay=0.1
+  lossscale diagnose --gradients grads.npz               arrays exported from TensorFlow/JAX (np.savez)
 
 --model PACKAGE.MODULE:FACTORY names a function taking no arguments that returns (model, loss_fn, batches):
 an nn.Module, loss_fn(model, batch) -> scalar loss tensor, and an iterable of batches. The steps run in FP32
@@ -47,6 +48,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", metavar="PACKAGE.MODULE:FACTORY", help="factory returning (model, loss_fn, batches)")
     src.add_argument("--example", choices=EXAMPLES, help="a built-in example (small, CPU)")
+    src.add_argument("--gradients", type=Path, metavar="FILE.npz",
+                     help="gradient arrays exported from any framework (TensorFlow, JAX, ...): keys "
+                     "[step<k>::][grad|activation|weight|update|new_weight::]name (see docs/diagnostics.md)")
     p.add_argument("--formats", default="bf16,fp16,e5m2", metavar="F[,F...]",
                    help="comma-separated formats (default: bf16,fp16,e5m2)")
     p.add_argument(
@@ -147,6 +151,16 @@ def run(args: argparse.Namespace) -> int:
     if not 0.0 <= args.threshold < 1.0:
         raise CLIError(f"--threshold must be in [0, 1), got {args.threshold}")
     torch.manual_seed(args.seed)
+    if args.gradients is not None:
+        from ..gradients import diagnose_gradients, load_npz
+
+        try:
+            d = diagnose_gradients(**load_npz(args.gradients), formats=fmts, threshold=args.threshold)
+        except (OSError, ValueError, TypeError) as err:
+            raise CLIError(f"--gradients {args.gradients}: {type(err).__name__}: {err}") from None
+        source = f"gradients:{args.gradients}"
+        _write(dataclasses.replace(d, meta={**d.meta, "model": source}), args, source)
+        return 0
     if args.example is not None:
         from ..study.tasks import example  # the study sits above diagnose: imported only here
 
@@ -166,7 +180,11 @@ def run(args: argparse.Namespace) -> int:
     except (TypeError, ValueError, RuntimeError) as err:
         raise CLIError(f"diagnosis failed: {type(err).__name__}: {err}") from None
     d = dataclasses.replace(d, meta={**d.meta, "model": source, "seed": args.seed})
+    _write(d, args, source)
+    return 0
 
+
+def _write(d: Diagnosis, args: argparse.Namespace, source: str) -> None:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     (out / "diagnosis.json").write_text(json.dumps(d.to_dict(), indent=2) + "\n")
@@ -182,7 +200,6 @@ def run(args: argparse.Namespace) -> int:
     _print_summary(d, source)
     for path in written:
         print(f"wrote {path}")
-    return 0
 
 
 def _run_with_progress(
@@ -222,6 +239,8 @@ def _print_summary(d: Diagnosis, source: str) -> None:
             "n/a" if fd.swamping_fraction is None else f"{fd.swamping_fraction:.2%}",
         ])
     title = f"Gradient diagnosis of {source}: {d.steps} FP32 steps, {d.numel:,} gradient values"
+    if d.meta.get("entry") == "diagnose_gradients":
+        title = f"Gradient diagnosis of {source}: {d.steps} steps of exported arrays, {d.numel:,} gradient values"
     note = "FP32 reference: what rounding these gradients to each format WOULD do, at loss scale 1."
     basis = f"Swamping: {d.swamping_basis()}"
     try:
