@@ -601,6 +601,9 @@ def _pack(
     return [g for groups in by_dev.values() for g in groups if g]
 
 
+_HOLDERS = (nn.ParameterDict, nn.ParameterList)
+
+
 class GradientMonitor:
     """Per-layer gradient statistics in each format, on sampled steps, without host syncs.
 
@@ -699,7 +702,9 @@ class GradientMonitor:
                     entries.append(Entry(name, "weight"))
         if self.config.activations:
             for name, mod in model.named_modules():
-                if next(mod.children(), None) is None:
+                # Leaf modules that compute something (a ParameterDict/List only holds parameters: Keras 3
+                # keeps its variables in one, its layers are not torch submodules).
+                if next(mod.children(), None) is None and not isinstance(mod, _HOLDERS):
                     self._hook_sites.append(("activation", mod, len(entries)))
                     entries.append(Entry(name or type(mod).__name__, "activation"))
         self.entries: tuple[Entry, ...] = tuple(entries)
