@@ -16,7 +16,14 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["DEFAULT_OPTIMIZER", "describe_optimizer", "optimizer_factory", "torch_optimizer_names", "unwrap_optimizer"]
+__all__ = [
+    "DEFAULT_OPTIMIZER",
+    "check_not_meta",
+    "describe_optimizer",
+    "optimizer_factory",
+    "torch_optimizer_names",
+    "unwrap_optimizer",
+]
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
@@ -122,3 +129,15 @@ def unwrap_optimizer(opt: Any) -> Any:
             return opt
         opt = inner
     return opt
+
+
+def check_not_meta(model: nn.Module) -> None:
+    """Raise ValueError naming the parameters on the ``meta`` device (shapes without values: nothing to
+    train or measure; materialise them first, e.g. ``model.to_empty(device=...)`` and load the weights)."""
+    meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if meta:
+        shown = ", ".join(meta[:5]) + (f" and {len(meta) - 5} more" if len(meta) > 5 else "")
+        raise ValueError(
+            f"model has parameters on the meta device (no values): {shown}; load or initialise the weights "
+            "first (e.g. model.to_empty(device='cpu') and load_state_dict)"
+        )

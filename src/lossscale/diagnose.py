@@ -37,6 +37,7 @@ from torch import nn
 
 from ._optimizers import (
     DEFAULT_OPTIMIZER,
+    check_not_meta,
     OptimizerFactory,
     describe_optimizer,
     optimizer_factory,
@@ -700,6 +701,7 @@ def diagnose(
             "optimizer must be a callable params -> torch.optim.Optimizer, a torch.optim class name, or None"
         )
 
+    check_not_meta(model)
     reference = copy.deepcopy(model).float().train()
     params = [p for p in reference.parameters() if p.requires_grad]
     if not params:

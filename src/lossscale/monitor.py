@@ -63,6 +63,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._optimizers import check_not_meta, unwrap_optimizer
 from .formats import FP32, FloatFormat, FormatLike
 from .quantize import quantize
 
@@ -621,7 +622,9 @@ class GradientMonitor:
         model: the module whose parameters and leaf modules are hooked.
         formats: formats to judge gradients against; default ``("bf16", "fp16", "e5m2")``.
         every: sample one step in ``every`` (default 100; the first step is sampled).
-        optimizer: if given, swamping is measured around its ``step()`` on sampled steps.
+        optimizer: if given, swamping is measured around its ``step()`` on sampled steps. accelerate's
+            ``AcceleratedOptimizer`` and Lightning's ``LightningOptimizer`` are unwrapped (by type) to the
+            ``torch.optim.Optimizer`` inside, whose steps they run.
         scaler: a :class:`lossscale.LossScaler` or ``torch.amp.GradScaler``: the scale in use is recorded
             with each sampled step, read as ``scaler.scale(1)`` (a device tensor, no sync).
         counters: the :class:`lossscale.RoundingCounters` passed to :func:`lossscale.autocast` in an emulated
@@ -672,8 +675,13 @@ class GradientMonitor:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        check_not_meta(model)
+        optimizer = unwrap_optimizer(optimizer)  # accelerate's / Lightning's wrappers, recognised by type
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+            raise TypeError(
+                "optimizer must be a torch.optim.Optimizer (or accelerate's AcceleratedOptimizer, Lightning's "
+                f"LightningOptimizer around one) or None, got {type(optimizer).__name__}"
+            )
         if scaler is not None and not callable(getattr(scaler, "scale", None)):
             raise TypeError("scaler must have a scale(tensor) method (LossScaler, torch.amp.GradScaler) or be None")
         if counters is not None and not callable(getattr(counters, "read", None)):
@@ -802,6 +810,8 @@ class GradientMonitor:
         def hook(p: torch.Tensor) -> None:
             if self.sampling and p.grad is not None:
                 g = p.grad.detach()
+                if g.layout != torch.strided:  # sparse (nn.Embedding(sparse=True)): counted like dense
+                    g = g.to_dense()
                 self._note_scale(g.device)
                 # A copy: .grad may still be unscaled, clipped or accumulated into before step().
                 mask = self._exclude.get(idx)
