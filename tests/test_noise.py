@@ -171,3 +171,30 @@ def test_to_double_converts_floating_tensors_only() -> None:
     out = to_double(batch)
     assert out["x"].dtype == torch.float64 and out["ids"].dtype == torch.long
     assert out["nested"][0][0].dtype == torch.float64
+
+
+def test_real_transformers_gpt2_key_bias_is_numerically_zero() -> None:
+    """The case of the issue, on the real Hugging Face GPT-2 (tiny config, random weights, no download):
+    its fused c_attn.bias had a third of its elements flagged as FP16 underflow."""
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2,
+                                  bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(cfg)
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randint(0, 64, (4, 16), generator=g) for _ in range(2)]
+
+    def loss_fn(m: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        return m(input_ids=ids, labels=ids).loss  # type: ignore[no-any-return]
+
+    masks = numerically_zero_masks(model, loss_fn, data[0])
+    key_third = torch.zeros(96, dtype=torch.bool)
+    key_third[32:64] = True
+    assert sorted(masks) == ["transformer.h.0.attn.c_attn.bias", "transformer.h.1.attn.c_attn.bias"]
+    assert all(torch.equal(m, key_third) for m in masks.values())
+    on = diagnose(model, loss_fn, data, steps=2)
+    off = diagnose(model, loss_fn, data, steps=2, zero_check=False)
+    bias_on, bias_off = _layer(on, "transformer.h.0.attn.c_attn.bias"), _layer(off, "transformer.h.0.attn.c_attn.bias")
+    assert bias_off.formats["fp16"]["underflow_fraction"] == pytest.approx(1 / 3)  # the false alarm
+    assert bias_on.formats["fp16"]["underflow_fraction"] == 0.0 and bias_on.numerically_zero == 2 * 32
+    assert on.numerically_zero == 2 * 2 * 32
