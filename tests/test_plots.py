@@ -245,5 +245,5 @@ def test_histogram_shows_both_ends() -> None:
     assert lo <= math.log2(min(x.min_abs_nonzero for x in d.layers if x.min_abs_nonzero))
     texts = [t.get_text() for ax in fig.axes[1:] for t in ax.texts]
     fin = lossscale.monitor.thresholds("fp16").finite
-    want = f"overflow headroom {math.log2(fin) - math.log2(d.max_abs):.1f} binades"
+    want = f"overflow headroom at 1: {math.log2(fin) - math.log2(d.max_abs):.1f} binades"
     assert any(want in t for t in texts)

@@ -110,11 +110,10 @@ def numerically_zero_masks(
     """
     if not 0.0 < ratio < 1.0:
         raise ValueError(f"ratio must be in (0, 1), got {ratio!r}")
-    m32 = copy.deepcopy(model).float().train()
-    m64 = copy.deepcopy(model).double().train()
-    g32 = _grads(m32, loss_fn, batch, seed)
+    # One copy at a time (peak: the FP64 copy, its gradients and the FP32 gradients kept for comparison).
+    g32 = _grads(copy.deepcopy(model).float().train(), loss_fn, batch, seed)
     try:
-        g64 = _grads(m64, loss_fn, to_double(batch), seed)
+        g64 = _grads(copy.deepcopy(model).double().train(), loss_fn, to_double(batch), seed)
     except Exception as err:  # noqa: BLE001 - whatever the FP64 run raises, named for the caller
         raise FP64RecomputationError(f"{type(err).__name__}: {err}") from err
     out: dict[str, torch.Tensor] = {}

@@ -161,7 +161,7 @@ def histogram_figure(d: Diagnosis, *, formats: list[str] | None = None) -> Figur
         head = ""
         if d.max_abs > 0 and math.isfinite(d.max_abs):
             h = math.log2(thresholds(fmt).finite) - math.log2(d.max_abs)
-            head = f"\noverflow headroom {h:.1f} binades"
+            head = f"\noverflow headroom at 1: {h:.1f} binades"
         label += f"\nunderflow at 1: {fd.underflow_fraction:.2%}{head}"
         band.text(1.005, 0.5, label, transform=band.transAxes, fontsize=7, va="center")
         if i < len(names) - 1:
