@@ -226,8 +226,13 @@ def test_bad_gradients_file_gets_one_clear_line(tmp_path: Path, capsys: pytest.C
     import numpy as np
 
     np.savez(tmp_path / "ints.npz", w=np.arange(4))
-    for path, message in ((tmp_path / "missing.npz", "FileNotFoundError"), (tmp_path / "ints.npz", "floating-point")):
-        assert main(["diagnose", "--gradients", str(path), "--out", str(tmp_path / "x")]) == 2
+    np.savez(tmp_path / "ok.npz", w=np.ones(4))
+    for path, message, extra in (
+        (tmp_path / "missing.npz", "FileNotFoundError", []),
+        (tmp_path / "ints.npz", "floating-point", []),
+        (tmp_path / "ok.npz", "the updates for swamping come from the file", ["--optimizer", "adamw"]),
+    ):
+        assert main(["diagnose", "--gradients", str(path), "--out", str(tmp_path / "x"), *extra]) == 2
         err = capsys.readouterr().err.strip()
-        assert err.startswith("lossscale diagnose: error: --gradients") and message in err
+        assert err.startswith("lossscale diagnose: error: --") and "--gradients" in err and message in err
         assert len(err.splitlines()) == 1

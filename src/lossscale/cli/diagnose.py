@@ -154,6 +154,11 @@ def run(args: argparse.Namespace) -> int:
     if args.gradients is not None:
         from ..gradients import diagnose_gradients, load_npz
 
+        if args.optimizer is not None or args.lr is not None or args.optimizer_arg:
+            raise CLIError(
+                "--optimizer, --lr and --optimizer-arg run a model; with --gradients the updates for swamping "
+                "come from the file (weight:: and update:: or new_weight:: keys)"
+            )
         try:
             d = diagnose_gradients(**load_npz(args.gradients), formats=fmts, threshold=args.threshold)
         except (OSError, ValueError, TypeError) as err:
