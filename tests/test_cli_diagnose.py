@@ -177,6 +177,11 @@ def test_optimizer_flags_reach_the_run_and_the_report(
     assert main(argv) == 0
     d2 = json.loads((out2 / "diagnosis.json").read_text())
     assert d2["meta"]["optimizer_description"].startswith("SGD(lr=0.01")
+    assert d2["meta"]["numerically_zero_check"].startswith("on:")
+    assert d["meta"]["numerically_zero_check"].startswith("on:")
+    out3 = tmp_path / "nozero"
+    assert main([*argv[:-4], "--out", str(out3), "--no-plots", "--no-progress", "--no-zero-check"]) == 0
+    assert json.loads((out3 / "diagnosis.json").read_text())["meta"]["numerically_zero_check"] == "off"
     assert d2["formats"]["bf16"]["swamping_fraction"] != d["formats"]["bf16"]["swamping_fraction"]
 
 

@@ -66,6 +66,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--optimizer-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="another optimizer keyword argument, a Python literal (repeatable): weight_decay=0.1, "
                    "betas=(0.9,0.95)")
+    p.add_argument("--zero-check", action=argparse.BooleanOptionalAction, default=True,
+                   help="count gradients that are FP32 rounding noise (attention key biases) as numerically zero, "
+                   "from one FP32 and one FP64 recomputation (default on)")
     p.add_argument("--seed", type=int, default=0, help="seed for --example and torch (default 0)")
     p.add_argument("--out", type=Path, default=Path("lossscale-diagnosis"), metavar="DIR",
                    help="output folder (default ./lossscale-diagnosis)")
@@ -212,13 +215,13 @@ def _run_with_progress(
 ) -> Diagnosis:
     if not args.progress:
         return diagnose(model, loss_fn, batches, formats=fmts, steps=args.steps, threshold=args.threshold,
-                        optimizer=args.optimizer_factory)
+                        optimizer=args.optimizer_factory, zero_check=args.zero_check)
     try:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     except ImportError:  # the [cli] extra is optional
         return diagnose(model, loss_fn, batches, formats=fmts, steps=args.steps, threshold=args.threshold,
-                        optimizer=args.optimizer_factory)
+                        optimizer=args.optimizer_factory, zero_check=args.zero_check)
     with Progress(
         TextColumn("measuring gradients"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=Console(stderr=True), transient=True,
@@ -226,7 +229,8 @@ def _run_with_progress(
         task = bar.add_task("steps", total=args.steps)
         return diagnose(
             model, loss_fn, batches, formats=fmts, steps=args.steps, threshold=args.threshold,
-            optimizer=args.optimizer_factory, progress=lambda done, total: bar.update(task, completed=done),
+            optimizer=args.optimizer_factory, zero_check=args.zero_check,
+            progress=lambda done, total: bar.update(task, completed=done),
         )
 
 
