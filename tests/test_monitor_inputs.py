@@ -124,3 +124,22 @@ def test_sparse_gradients_are_counted_like_dense_ones() -> None:
     assert np.array_equal(totals[0][:, : c.updated], totals[1][:, : c.updated])
     assert totals[0][0, c.updated] > 0  # and the sparse step was measured
     assert totals[0][0, c.NUMEL] == 80 and totals[0][0, c.ZEROS] == 80 - 4 * 5  # 5 distinct ids used
+
+
+def test_exclude_masks_are_measured_as_zeros_and_checked() -> None:
+    model = nn.Linear(3, 2)
+    mask = torch.zeros(2, 3, dtype=torch.bool)
+    mask[0, 1] = True
+    mon = GradientMonitor(model, ("fp16",), every=1, exclude={"weight": mask}, activations=False)
+    model(torch.ones(4, 3)).sum().backward()
+    mon.step()
+    total = mon.read().total
+    c = mon.read().columns
+    assert total[0, c.ZEROS] == 1 and total[0, c.NUMEL] == 6  # the masked element only
+    assert model.weight.grad is not None and bool((model.weight.grad != 0).all())  # training untouched
+    with pytest.raises(ValueError, match="'nope' is not a monitored parameter"):
+        GradientMonitor(model, exclude={"nope": mask})
+    with pytest.raises(ValueError, match=r"bool tensor of shape \(2, 3\)"):
+        GradientMonitor(model, exclude={"weight": mask.float()})
+    with pytest.raises(TypeError, match="exclude must be a mapping"):
+        GradientMonitor(model, exclude=[mask])  # type: ignore[arg-type]
