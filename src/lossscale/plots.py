@@ -422,13 +422,13 @@ def top_layers_figure(d: Diagnosis, *, formats: list[str] | None = None, k: int 
             y = np.arange(len(rows))
             if what == "underflow":
                 ax.barh(y, [r.underflow_fraction for r in rows], color="#d62728")
-                for yy, r in zip(y, rows, strict=True):
-                    ax.text(0.99, float(yy), f"{r.underflow_fraction:.2%}", ha="right", va="center", fontsize=6,
-                            transform=ax.get_yaxis_transform())
+                for yy, r in zip(y, rows, strict=True):  # the value just past the end of its bar
+                    ax.text(r.underflow_fraction, float(yy), f" {r.underflow_fraction:.2%}", ha="left",
+                            va="center", fontsize=6)
                 over_t = sum(1 for x in d.layers if float(x.formats[name]["underflow_fraction"] or 0) > d.threshold)
                 ax.set_xlabel(f"underflow fraction ({over_t} of {len(d.layers)} gradients above the threshold)",
                               fontsize=7)
-                ax.set_xlim(0, 1)
+                ax.set_xlim(0, 1.18)
                 ax.axvline(d.threshold, color="black", lw=0.8, ls="--")
                 ax.set_title(f"{name}: highest underflow at scale 1" + ("" if rows else " (none underflow)"),
                              fontsize=8)
@@ -436,8 +436,9 @@ def top_layers_figure(d: Diagnosis, *, formats: list[str] | None = None, k: int 
                 heads = [float(r.headroom_binades or 0.0) for r in rows]
                 ax.barh(y, heads, color=["#d62728" if h < 0 else "#1f77b4" for h in heads])
                 for yy, h in zip(y, heads, strict=True):
-                    ax.text(0.99, float(yy), f"{h:+.1f}", ha="right", va="center", fontsize=6,
-                            transform=ax.get_yaxis_transform())
+                    ax.text(max(h, 0.0), float(yy), f" {h:+.1f}", ha="left", va="center", fontsize=6)
+                if heads:
+                    ax.set_xlim(min(0.0, min(heads)) * 1.1, max(max(heads), 1.0) * 1.15)
                 ax.set_xlabel("log2(largest finite value / max|g|) at scale 1; < 0 overflows", fontsize=7)
                 ax.axvline(0, color="black", lw=0.8)
                 ax.set_title(f"{name}: least overflow headroom (binades = factors of 2 to max)", fontsize=8)
