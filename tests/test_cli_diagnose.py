@@ -155,3 +155,89 @@ def test_example_deep_mlp(tmp_path: Path) -> None:
     d = json.loads((out / "diagnosis.json").read_text())
     assert d["meta"]["model"] == "example:deep-mlp"
     assert d["formats"]["fp16"]["needs_scaling"] is True and d["formats"]["bf16"]["underflow_fraction"] == 0.0
+
+
+def test_optimizer_flags_reach_the_run_and_the_report(
+    factories: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "opt"
+    argv = ["diagnose", "--model", f"{factories}.models:shallow", "--steps", "2", "--out", str(out), "--no-plots",
+            "--no-progress", "--optimizer", "adamw", "--lr", "1e-4", "--optimizer-arg", "betas=(0.8, 0.95)"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "AdamW(lr=0.0001, betas=(0.8, 0.95)" in printed.replace("\n", "")
+    d = json.loads((out / "diagnosis.json").read_text())
+    assert d["meta"]["optimizer"] == "AdamW"
+    assert d["meta"]["optimizer_defaults"]["lr"] == 1e-4 and d["meta"]["optimizer_defaults"]["betas"] == [0.8, 0.95]
+    assert "weight updates of AdamW(lr=0.0001" in (out / "diagnosis.md").read_text()
+    # Without --optimizer: SGD at lr 0.01, said so.
+    out2 = tmp_path / "sgd"
+    argv = ["diagnose", "--model", f"{factories}.models:shallow", "--steps", "2", "--out", str(out2), "--no-plots",
+            "--no-progress"]
+    assert main(argv) == 0
+    d2 = json.loads((out2 / "diagnosis.json").read_text())
+    assert d2["meta"]["optimizer_description"].startswith("SGD(lr=0.01")
+    assert d2["meta"]["numerically_zero_check"].startswith("on:")
+    assert d["meta"]["numerically_zero_check"].startswith("on:")
+    out3 = tmp_path / "nozero"
+    assert main([*argv[:-4], "--out", str(out3), "--no-plots", "--no-progress", "--no-zero-check"]) == 0
+    assert json.loads((out3 / "diagnosis.json").read_text())["meta"]["numerically_zero_check"] == "off"
+    assert d2["formats"]["bf16"]["swamping_fraction"] != d["formats"]["bf16"]["swamping_fraction"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--optimizer", "adamz"], "--optimizer: optimizer must be a torch.optim class name"),
+        (["--optimizer", "sgd", "--optimizer-arg", "momentum"], "--optimizer-arg must look like KEY=VALUE"),
+        (["--optimizer", "sgd", "--optimizer-arg", "momentum=fast"], "is not a Python literal"),
+        (["--optimizer", "sgd", "--optimizer-arg", "speed=1"], "SGD takes no argument 'speed'"),
+    ],
+)
+def test_bad_optimizer_flags_get_one_clear_line(
+    factories: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    argv = ["diagnose", "--model", "diagpkg.models:shallow", "--out", str(tmp_path / "x"), "--no-progress", *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_gradients_npz_from_another_framework(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import numpy as np
+
+    from lossscale import diagnose_gradients
+
+    g = np.random.default_rng(0)
+    arrays = {"dense/kernel:0": (g.standard_normal((8, 8)) * 1e-8).astype(np.float32),
+              "dense/bias:0": g.standard_normal(8).astype(np.float32)}
+    np.savez(tmp_path / "grads.npz", **arrays)
+    out = tmp_path / "npz"
+    argv = ["diagnose", "--gradients", str(tmp_path / "grads.npz"), "--formats", "bf16,fp16", "--out", str(out),
+            "--no-progress"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "exported arrays" in printed and "│ fp16" in printed
+    d = json.loads((out / "diagnosis.json").read_text())
+    want = diagnose_gradients(arrays, formats=("bf16", "fp16")).to_dict()
+    assert d["formats"] == json.loads(json.dumps(want["formats"]))
+    assert [x["name"] for x in d["layers"]] == ["dense/kernel:0", "dense/bias:0"]
+    assert d["meta"]["model"].startswith("gradients:") and d["formats"]["fp16"]["needs_scaling"] is True
+    for png in ("gradient_histogram.png", "layer_underflow.png", "top_layers.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_gradients_file_gets_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import numpy as np
+
+    np.savez(tmp_path / "ints.npz", w=np.arange(4))
+    np.savez(tmp_path / "ok.npz", w=np.ones(4))
+    for path, message, extra in (
+        (tmp_path / "missing.npz", "FileNotFoundError", []),
+        (tmp_path / "ints.npz", "floating-point", []),
+        (tmp_path / "ok.npz", "the updates for swamping come from the file", ["--optimizer", "adamw"]),
+    ):
+        assert main(["diagnose", "--gradients", str(path), "--out", str(tmp_path / "x"), *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("lossscale diagnose: error: --") and "--gradients" in err and message in err
+        assert len(err.splitlines()) == 1

@@ -246,3 +246,25 @@ def test_bad_loss_and_batches() -> None:
         diagnose(model, lambda m, b: m(b[0]), data, steps=1)
     with pytest.raises(ValueError, match="at least one batch"):
         diagnose(model, loss_fn, [], steps=1)
+
+
+def test_reports_say_which_gradients_they_cover(deep: Any) -> None:
+    import dataclasses
+
+    from lossscale.diagnose import COVERAGE
+
+    *_, d = deep
+    assert d.to_dict()["covers"] == COVERAGE["diagnosis"]
+    md = d.to_markdown()
+    assert f"*What is counted:* {COVERAGE['diagnosis']}." in md
+    assert "Not the same gradients" not in md
+    emu = dataclasses.replace(
+        d, emulation={"linear.output.grad|fp16": {"elements": 4, "nonzero": 4, "underflow": 1, "subnormal": 0,
+                                                  "overflow": 0}}
+    )
+    md = emu.to_markdown()
+    assert f"*Not the same gradients as above:* {COVERAGE['emulation']}." in md
+    assert "over the nonzero values entering a site" in md and "exact zeros included" in md
+    model, loss_fn, data = tanh_mlp(1)
+    w_only = diagnose(model, loss_fn, data, steps=1, activations=False)
+    assert "activation gradients not measured" in w_only.to_dict()["covers"]

@@ -12,6 +12,7 @@ from . import optim
 from .scaling import DynamicScaling, NoScaling, ScalingConfig, ScalingState, StaticScaling, update_scale
 from .monitor import GradientMonitor
 from .diagnose import Diagnosis, diagnose
+from .gradients import diagnose_gradients
 
 __version__ = "0.1.0"
 
@@ -51,5 +52,6 @@ __all__ = [
     "LowPrecisionWeights",
     "GradientMonitor",
     "diagnose",
+    "diagnose_gradients",
     "Diagnosis",
 ]

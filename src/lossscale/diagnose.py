@@ -27,6 +27,7 @@ import copy
 import dataclasses
 import itertools
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -34,18 +35,30 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._optimizers import (
+    DEFAULT_OPTIMIZER,
+    check_not_meta,
+    OptimizerFactory,
+    describe_optimizer,
+    optimizer_factory,
+    optimizer_settings,
+    unwrap_optimizer,
+)
 from .formats import FloatFormat, FormatLike
+from .noise import FP64RecomputationError, check_loss, numerically_zero_masks
 from .monitor import HIST_MIN_LOG2, Columns, GradientMonitor, MonitorStats, thresholds
 
 __all__ = [
     "DEFAULT_STEPS",
     "SCHEMA_VERSION",
+    "COVERAGE",
     "SOURCE_NOTES",
     "Diagnosis",
     "FormatDiagnosis",
     "LayerDiagnosis",
     "ScaleInterval",
     "diagnose",
+    "optimizer_factory",
     "recommend_scale",
     "underflow_count_at",
 ]
@@ -64,6 +77,22 @@ SOURCE_NOTES = {
         "emulated low-precision run: the gradients were already rounded, so the format columns describe "
         "already-rounded values; the emulation's rounding-site counters (what really underflowed) are under "
         "'emulation'"
+    ),
+}
+
+# Which gradients each number covers (docs/diagnostics.md, "Which gradients each number covers").
+COVERAGE = {
+    "diagnosis": (
+        "every parameter's gradient (as accumulated in .grad) and the gradient of every leaf module's output "
+        "(Linear, GELU, LayerNorm, Dropout, ... alike), each element once per sampled step; fractions are over "
+        "all of these elements, exact zeros included"
+    ),
+    "emulation": (
+        "the emulation's rounding-site counters cover a different set: the gradients the emulated ops (GEMMs: "
+        "linear, convolution, matmul, attention, RNN) round in backward, per site, before any accumulation; "
+        "their underflow fraction is over the nonzero values entering a site. Parameters used outside GEMMs "
+        "(embeddings, norms) and element-wise modules' output gradients are not among them, so the two "
+        "fractions differ in numerator and denominator"
     ),
 }
 
@@ -233,6 +262,7 @@ class LayerDiagnosis:
     max_abs: float
     min_abs_nonzero: float | None
     formats: Mapping[str, Mapping[str, float | None]]
+    numerically_zero: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -240,6 +270,7 @@ class LayerDiagnosis:
             "kind": self.kind,
             "numel": self.numel,
             "zeros": self.zeros,
+            "numerically_zero": self.numerically_zero,
             "max_abs": self.max_abs,
             "min_abs_nonzero": self.min_abs_nonzero,
             "formats": {k: dict(v) for k, v in self.formats.items()},
@@ -266,6 +297,8 @@ class Diagnosis:
         steps: sampled steps the statistics cover.
         source: ``"fp32"`` or ``"emulated"`` (see ``SOURCE_NOTES``).
         numel, zeros, nonfinite: over all gradient elements.
+        numerically_zero: elements (of ``zeros``) whose FP32 gradient was rounding noise around an exact
+            zero (:mod:`lossscale.noise`), counted as zeros rather than underflow.
         hist_weight, hist_activation: counts of ``ceil(log2|g|)`` from ``HIST_MIN_LOG2`` (nonzero finite).
         meta: run description (optimizer, torch version, device, ...).
     """
@@ -284,6 +317,7 @@ class Diagnosis:
     meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     emulation: Mapping[str, Any] | None = None
     schema_version: int = SCHEMA_VERSION
+    numerically_zero: int = 0
 
     @property
     def hist(self) -> np.ndarray:
@@ -294,10 +328,18 @@ class Diagnosis:
 
     @classmethod
     def from_stats(
-        cls, stats: MonitorStats, *, threshold: float = 1e-3, meta: Mapping[str, Any] | None = None
+        cls,
+        stats: MonitorStats,
+        *,
+        threshold: float = 1e-3,
+        meta: Mapping[str, Any] | None = None,
+        numerically_zero: Mapping[str, int] | None = None,
     ) -> Diagnosis:
-        """Summarise a monitor's totals (host-side numpy; no device work)."""
+        """Summarise a monitor's totals (host-side numpy; no device work). ``numerically_zero``: per weight
+        entry name, how many of its elements per sampled step were excluded as rounding noise (measured as
+        zeros through the monitor's ``exclude``)."""
         _check_threshold(threshold)
+        nz_per_step = dict(numerically_zero or {})
         cols = stats.columns
         everything = stats.kind_total(None)
         w_row = stats.kind_total("weight")
@@ -343,6 +385,7 @@ class Diagnosis:
                     max_abs=float(row[cols.MAX_ABS]),
                     min_abs_nonzero=_opt_float(float(row[cols.MIN_ABS])),
                     formats=per,
+                    numerically_zero=int(nz_per_step.get(e.name, 0)) * stats.sampled if e.kind == "weight" else 0,
                 )
             )
         return cls(
@@ -361,6 +404,7 @@ class Diagnosis:
             emulation=None
             if stats.emulation is None
             else {f"{site}|{fmt}": dict(v) for (site, fmt), v in stats.emulation.items()},
+            numerically_zero=sum(x.numerically_zero for x in layers),
         )
 
     # -- output --------------------------------------------------------------------------------------------
@@ -373,10 +417,12 @@ class Diagnosis:
             "schema_version": self.schema_version,
             "source": self.source,
             "source_note": SOURCE_NOTES.get(self.source, ""),
+            "covers": self.meta.get("covers", COVERAGE["diagnosis"]),
             "threshold": self.threshold,
             "steps": self.steps,
             "numel": self.numel,
             "zeros": self.zeros,
+            "numerically_zero": self.numerically_zero,
             "nonfinite": self.nonfinite,
             "max_abs": self.max_abs,
             "formats": {name: fd.to_dict() for name, fd in self.formats.items()},
@@ -424,6 +470,7 @@ class Diagnosis:
             LayerDiagnosis(
                 name=x["name"], kind=x["kind"], numel=x["numel"], zeros=x["zeros"], max_abs=x["max_abs"],
                 min_abs_nonzero=x["min_abs_nonzero"], formats=x["formats"],
+                numerically_zero=x.get("numerically_zero", 0),
             )
             for x in d["layers"]
         )
@@ -431,7 +478,32 @@ class Diagnosis:
             formats=formats, layers=layers, threshold=d["threshold"], steps=d["steps"], source=d["source"],
             numel=d["numel"], zeros=d["zeros"], nonfinite=d["nonfinite"], max_abs=d["max_abs"],
             hist_weight=hw, hist_activation=ha, meta=d.get("meta", {}), emulation=d.get("emulation"),
+            numerically_zero=d.get("numerically_zero", 0),
         )
+
+    def _zero_note(self) -> list[str]:
+        if not self.numerically_zero:
+            return []
+        names = [x.name for x in self.layers if x.numerically_zero]
+        shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+        return [
+            "",
+            f"*Numerically zero:* {self.numerically_zero:,} gradient elements ({shown}) are rounding noise "
+            "around an exact zero (their FP64 recomputation is at least 1024x smaller than the FP32 value, "
+            "e.g. an attention key bias, to which softmax is invariant): counted as zeros, not as underflow.",
+        ]
+
+    def swamping_basis(self) -> str:
+        """What the swamping figures assume: the optimizer that made the updates (from ``meta``)."""
+        desc = self.meta.get("optimizer_description") or self.meta.get("optimizer")
+        if desc:
+            return (
+                f"the swamping column counts the weight updates of {desc}; another optimizer or learning "
+                "rate makes updates of other sizes and swamps a different share."
+            )
+        if self.meta.get("updates"):
+            return f"the swamping column counts the weight updates given ({self.meta['updates']})."
+        return "no weight updates were measured, so swamping is n/a."
 
     def to_markdown(self) -> str:
         """A human-readable report: the verdict per format, then the layers with the most underflow."""
@@ -443,6 +515,9 @@ class Diagnosis:
             + (f", {self.nonfinite:,} inf/NaN" if self.nonfinite else "")
             + f"), threshold {self.threshold:g}.",
             "",
+            f"*What is counted:* {self.meta.get('covers', COVERAGE['diagnosis'])}.",
+            *self._zero_note(),
+            "",
             "| format | underflow | subnormal | overflow | needs scaling | recommended scale | swamping |",
             "|---|---:|---:|---:|---|---|---:|",
         ]
@@ -453,6 +528,7 @@ class Diagnosis:
                 f"| {name} | {fd.underflow_fraction:.3%} | {fd.subnormal_fraction:.3%} | "
                 f"{fd.overflow_fraction:.3%} | {'yes' if fd.needs_scaling else 'no'} | {rs} | {sw} |"
             )
+        lines += ["", f"*Swamping:* {self.swamping_basis()}"]
         lines += ["", "## Recommendations", ""]
         lines += [f"- **{name}**: {fd.recommendation}" for name, fd in self.formats.items()]
         lines += ["", "## Layers (underflow fraction at scale 1)", ""]
@@ -461,12 +537,15 @@ class Diagnosis:
         lines.append("|---|---|---:|---:|---:|" + "---:|" * len(names))
         for layer in self.layers:
             mn = "-" if layer.min_abs_nonzero is None else f"{layer.min_abs_nonzero:.3g}"
+            if layer.numerically_zero:
+                mn += f" ({layer.numerically_zero:,} numerically zero)"
             cells = " | ".join(f"{float(layer.formats[n]['underflow_fraction'] or 0.0):.3%}" for n in names)
             lines.append(
                 f"| {layer.name} | {layer.kind} | {layer.numel:,} | {layer.max_abs:.3g} | {mn} | {cells} |"
             )
         if self.emulation:
             lines += ["", "## Emulation rounding-site counters (what the emulated run really rounded)", ""]
+            lines += [f"*Not the same gradients as above:* {COVERAGE['emulation']}.", ""]
             lines.append("| site | format | elements | underflow | overflow |")
             lines.append("|---|---|---:|---:|---:|")
             for key, v in self.emulation.items():
@@ -559,8 +638,10 @@ def diagnose(
     formats: Iterable[FormatLike] | str = ("bf16", "fp16", "e5m2"),
     steps: int = DEFAULT_STEPS,
     threshold: float = 1e-3,
-    optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None,
+    optimizer: OptimizerFactory | str | None = None,
+    optimizer_kwargs: Mapping[str, Any] | None = None,
     activations: bool = True,
+    zero_check: bool = True,
     progress: Callable[[int, int], None] | None = None,
 ) -> Diagnosis:
     """Train a copy of ``model`` in FP32 for ``steps`` steps, measuring every gradient, and judge each format.
@@ -579,9 +660,18 @@ def diagnose(
         formats: formats to judge (default bf16, fp16, e5m2).
         steps: training steps measured (default ``DEFAULT_STEPS`` = 8: seconds on a small model).
         threshold: acceptable underflow fraction (default 1e-3, the Adaptive Loss Scaling target).
-        optimizer: factory ``params -> torch.optim.Optimizer`` for the steps (swamping depends on it);
-            default ``torch.optim.SGD(params, lr=0.01)``.
+        optimizer: the optimizer of the steps; swamping depends on it (the update size decides
+            whether ``w + u`` rounds back to ``w``), so pass the one you train with: a factory
+            ``params -> torch.optim.Optimizer`` (a wrapped one, accelerate's or Lightning's, is unwrapped),
+            or a ``torch.optim`` class name (``"adamw"``) built with ``optimizer_kwargs``. Default
+            ``torch.optim.SGD(params, lr=0.01)``. The report names the optimizer it ran
+            (``meta["optimizer_description"]``).
+        optimizer_kwargs: keyword arguments for a named optimizer (``{"lr": 1e-4}``).
         activations: also measure activation gradients (leaf module outputs).
+        zero_check: before the steps, recompute the first batch's weight gradients in FP32 and FP64 and
+            count the elements whose FP32 value is rounding noise around an exact zero (e.g. an attention
+            key bias) as zeros, not underflow (:mod:`lossscale.noise`; reported as ``numerically_zero``).
+            When the model cannot run in FP64 this warns and goes on without it.
         progress: called as ``progress(done, steps)`` after each step.
 
     Example:
@@ -602,43 +692,85 @@ def diagnose(
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     _check_threshold(threshold)
+    if isinstance(optimizer, str):
+        optimizer = optimizer_factory(optimizer, **dict(optimizer_kwargs or {}))
+    elif optimizer_kwargs:
+        raise ValueError("optimizer_kwargs needs optimizer given by name (e.g. optimizer='adamw')")
     if optimizer is not None and not callable(optimizer):
-        raise TypeError("optimizer must be a callable params -> torch.optim.Optimizer, or None")
+        raise TypeError(
+            "optimizer must be a callable params -> torch.optim.Optimizer, a torch.optim class name, or None"
+        )
 
+    check_not_meta(model)
     reference = copy.deepcopy(model).float().train()
     params = [p for p in reference.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no parameters that require grad")
-    opt = optimizer(params) if optimizer is not None else torch.optim.SGD(params, lr=0.01)
+    if optimizer is None:
+        optimizer = optimizer_factory(DEFAULT_OPTIMIZER[0], **DEFAULT_OPTIMIZER[1])
+    opt = unwrap_optimizer(optimizer(params))
     if not isinstance(opt, torch.optim.Optimizer):
         raise TypeError(f"optimizer factory must return a torch.optim.Optimizer, got {type(opt).__name__}")
-    monitor = GradientMonitor(reference, formats, every=1, optimizer=opt, activations=activations, history=1)
+    monitor: GradientMonitor | None = None
+    zero_note = "off"
+    masks: dict[str, torch.Tensor] = {}
     done = 0
     try:
         for batch in _batches(batches, steps):
+            if monitor is None:  # built at the first batch, which the numerically-zero check needs
+                if zero_check:
+                    masks, zero_note = _zero_masks(reference, loss_fn, batch)
+                monitor = GradientMonitor(
+                    reference, formats, every=1, optimizer=opt, activations=activations, history=1, exclude=masks
+                )
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(reference, batch)
-            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                got = type(loss).__name__
-                if isinstance(loss, torch.Tensor):
-                    got = f"a tensor of shape {tuple(loss.shape)}"
-                raise TypeError(f"loss_fn must return a scalar loss tensor, got {got}")
+            check_loss(loss)
             loss.reshape(()).backward()  # type: ignore[no-untyped-call]
             opt.step()
             monitor.step()
             done += 1
             if progress is not None:
                 progress(done, steps)
+        if monitor is None:
+            raise ValueError("batches must yield at least one batch")
         stats = monitor.read()
     finally:
-        monitor.remove()
+        if monitor is not None:
+            monitor.remove()
     meta = {
         "optimizer": type(opt).__name__,
-        "optimizer_defaults": {k: v for k, v in opt.defaults.items() if isinstance(v, (int, float, bool, str))},
+        "optimizer_defaults": optimizer_settings(opt),
+        "optimizer_description": describe_optimizer(opt),
         "formats": [f.name for f in monitor.formats],
         "steps_requested": steps,
         "activations": activations,
+        "covers": COVERAGE["diagnosis"]
+        if activations
+        else COVERAGE["diagnosis"].split(" and the gradient of every leaf")[0]
+        + " (activation gradients not measured: activations=False), each element once per sampled step",
+        "numerically_zero_check": zero_note,
         "torch_version": torch.__version__,
         "device": str(params[0].device),
     }
-    return Diagnosis.from_stats(stats, threshold=threshold, meta=meta)
+    per_step = {name: int(m.sum()) for name, m in masks.items()}
+    return Diagnosis.from_stats(stats, threshold=threshold, meta=meta, numerically_zero=per_step)
+
+
+def _zero_masks(
+    model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor], batch: Any
+) -> tuple[dict[str, torch.Tensor], str]:
+    """The numerically-zero masks of :mod:`lossscale.noise`, or none with a warning when the model cannot be
+    recomputed in FP64."""
+    try:
+        masks = numerically_zero_masks(model, loss_fn, batch)
+    except FP64RecomputationError as err:  # the model cannot run in FP64: say so and go on without the check
+        note = f"skipped: the FP64 recomputation failed ({err})"
+        warnings.warn(
+            f"diagnose: numerically-zero check {note}; gradients that are FP32 rounding noise will be counted "
+            "as underflow. Pass zero_check=False to silence this.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return {}, note
+    return masks, f"on: {sum(int(m.sum()) for m in masks.values())} elements per step in {len(masks)} parameters"

@@ -63,6 +63,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._optimizers import check_not_meta, unwrap_optimizer
 from .formats import FP32, FloatFormat, FormatLike
 from .quantize import quantize
 
@@ -601,6 +602,9 @@ def _pack(
     return [g for groups in by_dev.values() for g in groups if g]
 
 
+_HOLDERS = (nn.ParameterDict, nn.ParameterList)
+
+
 class GradientMonitor:
     """Per-layer gradient statistics in each format, on sampled steps, without host syncs.
 
@@ -618,13 +622,18 @@ class GradientMonitor:
         model: the module whose parameters and leaf modules are hooked.
         formats: formats to judge gradients against; default ``("bf16", "fp16", "e5m2")``.
         every: sample one step in ``every`` (default 100; the first step is sampled).
-        optimizer: if given, swamping is measured around its ``step()`` on sampled steps.
+        optimizer: if given, swamping is measured around its ``step()`` on sampled steps. accelerate's
+            ``AcceleratedOptimizer`` and Lightning's ``LightningOptimizer`` are unwrapped (by type) to the
+            ``torch.optim.Optimizer`` inside, whose steps they run.
         scaler: a :class:`lossscale.LossScaler` or ``torch.amp.GradScaler``: the scale in use is recorded
             with each sampled step, read as ``scaler.scale(1)`` (a device tensor, no sync).
         counters: the :class:`lossscale.RoundingCounters` passed to :func:`lossscale.autocast` in an emulated
             low-precision run: the statistics are then marked ``source="emulated"`` and :meth:`read` reports
             the counters (what the rounding sites really did) beside the per-layer tables.
         weights, activations, history: see :class:`MonitorConfig`.
+        exclude: ``{parameter name: bool mask of its shape}``: elements whose gradients are measured as exact
+            zeros (what :func:`lossscale.diagnose` does with gradients it found to be rounding noise, see
+            :func:`lossscale.noise.numerically_zero_masks`). The training itself is not changed.
 
     Call :meth:`step` once per training step, after the optimizer step (and ``scaler.update()``). Hooks are
     removed by :meth:`remove` or on leaving a ``with`` block. Only :meth:`read` synchronises.
@@ -662,11 +671,17 @@ class GradientMonitor:
         weights: bool = True,
         activations: bool = True,
         history: int | None = 1000,
+        exclude: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        check_not_meta(model)
+        optimizer = unwrap_optimizer(optimizer)  # accelerate's / Lightning's wrappers, recognised by type
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+            raise TypeError(
+                "optimizer must be a torch.optim.Optimizer (or accelerate's AcceleratedOptimizer, Lightning's "
+                f"LightningOptimizer around one) or None, got {type(optimizer).__name__}"
+            )
         if scaler is not None and not callable(getattr(scaler, "scale", None)):
             raise TypeError("scaler must have a scale(tensor) method (LossScaler, torch.amp.GradScaler) or be None")
         if counters is not None and not callable(getattr(counters, "read", None)):
@@ -695,10 +710,13 @@ class GradientMonitor:
                     entries.append(Entry(name, "weight"))
         if self.config.activations:
             for name, mod in model.named_modules():
-                if next(mod.children(), None) is None:
+                # Leaf modules that compute something (a ParameterDict/List only holds parameters: Keras 3
+                # keeps its variables in one, its layers are not torch submodules).
+                if next(mod.children(), None) is None and not isinstance(mod, _HOLDERS):
                     self._hook_sites.append(("activation", mod, len(entries)))
                     entries.append(Entry(name or type(mod).__name__, "activation"))
         self.entries: tuple[Entry, ...] = tuple(entries)
+        self._exclude = _exclude_masks(model, exclude, self._param_index)
         self._optimizer = optimizer
         self._attach()  # step 0 is sampled
         self._buf: torch.Tensor | None = None
@@ -792,9 +810,13 @@ class GradientMonitor:
         def hook(p: torch.Tensor) -> None:
             if self.sampling and p.grad is not None:
                 g = p.grad.detach()
+                if g.layout != torch.strided:  # sparse (nn.Embedding(sparse=True)): counted like dense
+                    g = g.to_dense()
                 self._note_scale(g.device)
                 # A copy: .grad may still be unscaled, clipped or accumulated into before step().
-                self._pending_w[idx] = g.reshape(-1).clone()
+                mask = self._exclude.get(idx)
+                g = g.clone() if mask is None else g.masked_fill(mask, 0.0)
+                self._pending_w[idx] = g.reshape(-1)
 
         return hook
 
@@ -951,6 +973,25 @@ class GradientMonitor:
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
+
+
+def _exclude_masks(
+    model: nn.Module, exclude: Mapping[str, torch.Tensor] | None, index: Mapping[int, int]
+) -> dict[int, torch.Tensor]:
+    if exclude is None:
+        return {}
+    if not isinstance(exclude, Mapping):
+        raise TypeError(f"exclude must be a mapping of parameter name to bool mask, got {type(exclude).__name__}")
+    params = dict(model.named_parameters())
+    out: dict[int, torch.Tensor] = {}
+    for name, mask in exclude.items():
+        p = params.get(name)
+        if p is None or id(p) not in index:
+            raise ValueError(f"exclude: {name!r} is not a monitored parameter of the model")
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != p.shape:
+            raise ValueError(f"exclude[{name!r}] must be a bool tensor of shape {tuple(p.shape)}")
+        out[index[id(p)]] = mask.to(p.device)
+    return out
 
 
 def _combine_tables(a: torch.Tensor, b: torch.Tensor, cols: Columns) -> torch.Tensor:

@@ -24,12 +24,15 @@ examples:
   lossscale diagnose --example deep-mlp                  30-layer tanh MLP: fp16 and e5m2 need a loss scale
   lossscale diagnose --example cnn --formats bf16,fp16,e4m3,e5m2 --steps 16 --out runs/cnn
   lossscale diagnose --model mypkg.models:make_diag      your own model
+  lossscale diagnose --model mypkg.models:make_diag --optimizer adamw --lr 1e-4 --optimizer-arg weight_decay=0.1
+  lossscale diagnose --gradients grads.npz               arrays exported from TensorFlow/JAX (np.savez)
 
 --model PACKAGE.MODULE:FACTORY names a function taking no arguments that returns (model, loss_fn, batches):
 an nn.Module, loss_fn(model, batch) -> scalar loss tensor, and an iterable of batches. The steps run in FP32
-on a copy of the model (SGD, lr 0.01); the format columns say what rounding those FP32 gradients to each
-format would do. Writes diagnosis.json, diagnosis.md and PNG figures into --out (default ./lossscale-diagnosis).
-Default steps: {DEFAULT_STEPS}.
+on a copy of the model with --optimizer (default SGD, lr 0.01; swamping depends on it, so name the optimizer
+you train with: any torch.optim class, case-insensitive, or PACKAGE.MODULE:CLASS); the format columns say
+what rounding those FP32 gradients to each format would do. Writes diagnosis.json, diagnosis.md and PNG
+figures into --out (default ./lossscale-diagnosis). Default steps: {DEFAULT_STEPS}.
 """
 
 
@@ -45,6 +48,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", metavar="PACKAGE.MODULE:FACTORY", help="factory returning (model, loss_fn, batches)")
     src.add_argument("--example", choices=EXAMPLES, help="a built-in example (small, CPU)")
+    src.add_argument("--gradients", type=Path, metavar="FILE.npz",
+                     help="gradient arrays exported from any framework (TensorFlow, JAX, ...): keys "
+                     "[step<k>::][grad|activation|weight|update|new_weight::]name (see docs/diagnostics.md)")
     p.add_argument("--formats", default="bf16,fp16,e5m2", metavar="F[,F...]",
                    help="comma-separated formats (default: bf16,fp16,e5m2)")
     p.add_argument(
@@ -52,6 +58,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     p.add_argument("--threshold", type=float, default=1e-3, metavar="T",
                    help="acceptable underflow fraction (default 1e-3)")
+    p.add_argument("--optimizer", default=None, metavar="NAME",
+                   help="optimizer of the steps: a torch.optim class (adamw, sgd, ...) or PACKAGE.MODULE:CLASS "
+                   "(default sgd with lr 0.01)")
+    p.add_argument("--lr", type=float, default=None, metavar="X",
+                   help="learning rate (default: 0.01 for the default SGD, else the optimizer's own default)")
+    p.add_argument("--optimizer-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="another optimizer keyword argument, a Python literal (repeatable): weight_decay=0.1, "
+                   "betas=(0.9,0.95)")
+    p.add_argument("--zero-check", action=argparse.BooleanOptionalAction, default=True,
+                   help="count gradients that are FP32 rounding noise (attention key biases) as numerically zero, "
+                   "from one FP32 and one FP64 recomputation (default on)")
     p.add_argument("--seed", type=int, default=0, help="seed for --example and torch (default 0)")
     p.add_argument("--out", type=Path, default=Path("lossscale-diagnosis"), metavar="DIR",
                    help="output folder (default ./lossscale-diagnosis)")
@@ -102,15 +119,56 @@ def _parse_formats(text: str) -> list[FloatFormat]:
     return fmts
 
 
+def _optimizer(args: argparse.Namespace) -> Callable[..., Any]:
+    import ast
+
+    from ..diagnose import optimizer_factory
+
+    kwargs: dict[str, Any] = {}
+    for item in args.optimizer_arg:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise CLIError(f"--optimizer-arg must look like KEY=VALUE, got {item!r}")
+        try:
+            kwargs[key.strip()] = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            raise CLIError(f"--optimizer-arg {key.strip()}: {text!r} is not a Python literal") from None
+    name = args.optimizer if args.optimizer is not None else "sgd"
+    if args.lr is not None:
+        kwargs["lr"] = args.lr
+    elif args.optimizer is None:
+        kwargs.setdefault("lr", 0.01)
+    try:
+        return optimizer_factory(name, **kwargs)
+    except (ValueError, TypeError) as err:
+        raise CLIError(f"--optimizer: {err}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
     fmts = _parse_formats(args.formats)
+    args.optimizer_factory = _optimizer(args)
     if args.steps < 1:
         raise CLIError(f"--steps must be >= 1, got {args.steps}")
     if not 0.0 <= args.threshold < 1.0:
         raise CLIError(f"--threshold must be in [0, 1), got {args.threshold}")
     torch.manual_seed(args.seed)
+    if args.gradients is not None:
+        from ..gradients import diagnose_gradients, load_npz
+
+        if args.optimizer is not None or args.lr is not None or args.optimizer_arg:
+            raise CLIError(
+                "--optimizer, --lr and --optimizer-arg run a model; with --gradients the updates for swamping "
+                "come from the file (weight:: and update:: or new_weight:: keys)"
+            )
+        try:
+            d = diagnose_gradients(**load_npz(args.gradients), formats=fmts, threshold=args.threshold)
+        except (OSError, ValueError, TypeError) as err:
+            raise CLIError(f"--gradients {args.gradients}: {type(err).__name__}: {err}") from None
+        source = f"gradients:{args.gradients}"
+        _write(dataclasses.replace(d, meta={**d.meta, "model": source}), args, source)
+        return 0
     if args.example is not None:
         from ..study.tasks import example  # the study sits above diagnose: imported only here
 
@@ -130,7 +188,11 @@ def run(args: argparse.Namespace) -> int:
     except (TypeError, ValueError, RuntimeError) as err:
         raise CLIError(f"diagnosis failed: {type(err).__name__}: {err}") from None
     d = dataclasses.replace(d, meta={**d.meta, "model": source, "seed": args.seed})
+    _write(d, args, source)
+    return 0
 
+
+def _write(d: Diagnosis, args: argparse.Namespace, source: str) -> None:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     (out / "diagnosis.json").write_text(json.dumps(d.to_dict(), indent=2) + "\n")
@@ -146,19 +208,20 @@ def run(args: argparse.Namespace) -> int:
     _print_summary(d, source)
     for path in written:
         print(f"wrote {path}")
-    return 0
 
 
 def _run_with_progress(
     model: Any, loss_fn: Callable[..., Any], batches: Iterable[Any], fmts: list[FloatFormat], args: argparse.Namespace
 ) -> Diagnosis:
     if not args.progress:
-        return diagnose(model, loss_fn, batches, formats=fmts, steps=args.steps, threshold=args.threshold)
+        return diagnose(model, loss_fn, batches, formats=fmts, steps=args.steps, threshold=args.threshold,
+                        optimizer=args.optimizer_factory, zero_check=args.zero_check)
     try:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     except ImportError:  # the [cli] extra is optional
-        return diagnose(model, loss_fn, batches, formats=fmts, steps=args.steps, threshold=args.threshold)
+        return diagnose(model, loss_fn, batches, formats=fmts, steps=args.steps, threshold=args.threshold,
+                        optimizer=args.optimizer_factory, zero_check=args.zero_check)
     with Progress(
         TextColumn("measuring gradients"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=Console(stderr=True), transient=True,
@@ -166,6 +229,7 @@ def _run_with_progress(
         task = bar.add_task("steps", total=args.steps)
         return diagnose(
             model, loss_fn, batches, formats=fmts, steps=args.steps, threshold=args.threshold,
+            optimizer=args.optimizer_factory, zero_check=args.zero_check,
             progress=lambda done, total: bar.update(task, completed=done),
         )
 
@@ -184,7 +248,10 @@ def _print_summary(d: Diagnosis, source: str) -> None:
             "n/a" if fd.swamping_fraction is None else f"{fd.swamping_fraction:.2%}",
         ])
     title = f"Gradient diagnosis of {source}: {d.steps} FP32 steps, {d.numel:,} gradient values"
+    if d.meta.get("entry") == "diagnose_gradients":
+        title = f"Gradient diagnosis of {source}: {d.steps} steps of exported arrays, {d.numel:,} gradient values"
     note = "FP32 reference: what rounding these gradients to each format WOULD do, at loss scale 1."
+    basis = f"Swamping: {d.swamping_basis()}"
     try:
         from rich.console import Console
         from rich.table import Table
@@ -195,6 +262,7 @@ def _print_summary(d: Diagnosis, source: str) -> None:
         for r in rows:
             print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
         print(note)
+        print(basis)
         for name, fd in d.formats.items():
             print(f"{name}: {fd.recommendation}")
         return
@@ -207,6 +275,8 @@ def _print_summary(d: Diagnosis, source: str) -> None:
     console = Console(width=max(120, len(title) + 4))
     console.print(table)
     from rich.markup import escape
+
+    console.print(escape(basis), highlight=False, soft_wrap=True)
 
     for name, fd in d.formats.items():
         console.print(f"[bold]{name}[/bold]: {escape(fd.recommendation)}", highlight=False)
