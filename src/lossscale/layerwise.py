@@ -624,7 +624,7 @@ class LayerwiseScaler:
             _flatten((args, kwargs), flat)
             if not flat:
                 return None
-            wrapped = _Boundary.apply(self, layer, False, *flat)
+            wrapped = _Boundary.apply(self, layer, False, *flat)  # type: ignore[no-untyped-call]
             if self._tracing:
                 self._in_nodes.append(wrapped[0].grad_fn)
             new_args, new_kwargs = _rebuild((args, kwargs), wrapped)
@@ -648,7 +648,7 @@ class LayerwiseScaler:
                 return None
             if self._tracing:
                 self._trace(layer, flat)
-            return _rebuild(output, _Boundary.apply(self, layer, True, *flat))
+            return _rebuild(output, _Boundary.apply(self, layer, True, *flat))  # type: ignore[no-untyped-call]
 
         return post
 
@@ -664,11 +664,11 @@ class LayerwiseScaler:
             seen.add(id(node))
             owner = getattr(node, "ls_owner", None)
             if owner is self:
-                if node.ls_layer == layer and not node.ls_is_output:  # type: ignore[attr-defined]
+                if node.ls_layer == layer and not node.ls_is_output:
                     continue  # this layer's own input boundary
                 raise RuntimeError(
                     f"LayerwiseScaler: layer {self._names[layer]!r} uses a tensor from layer "
-                    f"{self._names[node.ls_layer]!r} that did not enter through its forward arguments; its "  # type: ignore[attr-defined]
+                    f"{self._names[node.ls_layer]!r} that did not enter through its forward arguments; its "
                     "gradient would carry the wrong scale. Pass it as an argument, or choose layers= that "
                     "contain both."
                 )
