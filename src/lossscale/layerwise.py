@@ -157,6 +157,12 @@ def _erfinv(p: float) -> float:
     return float(torch.erfinv(torch.tensor(p, dtype=torch.float64)))
 
 
+def _rule_constants(fmt: FloatFormat, underflow_prob: float, headroom: int) -> tuple[float, float]:
+    """``(log2(min_normal / (sqrt(2) erfinv(p) sqrt(pi/2))), log2(max) - headroom)`` of the adaptive rule."""
+    lo = math.log2(fmt.min_normal) - math.log2(math.sqrt(2.0) * _erfinv(underflow_prob) * _SQRT_PI_2)
+    return lo, math.log2(fmt.max) - headroom
+
+
 def adaptive_log2_scales(
     amax: torch.Tensor,
     mean_abs: torch.Tensor,
@@ -168,8 +174,9 @@ def adaptive_log2_scales(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The adaptive rule (Zhao et al. 2019), elementwise over layers: ``(k, valid)`` with scale ``2^k``.
 
-    From the largest magnitude ``amax`` and the mean nonzero magnitude ``mean_abs`` of the gradient entering
-    each layer (true units), and the layer's gain ``gain`` (largest gradient it produced / largest it received)::
+    From the largest magnitude ``amax`` and the mean magnitude ``mean_abs`` of the gradient entering each layer
+    (true units; the mean is over all elements, zeros included, which errs towards a larger scale), and the
+    layer's gain ``gain`` (largest gradient it produced / largest it received)::
 
         sigma = mean_abs * sqrt(pi / 2)              # Gaussian elements: E|x| = sigma * sqrt(2 / pi)
         k_lo  = ceil(log2(min_normal / (sigma * min(gain, 1) * sqrt(2) * erfinv(underflow_prob))))
@@ -196,9 +203,9 @@ def adaptive_log2_scales(
     safe_amax = torch.where(valid, amax, one)
     safe_mean = torch.where(valid, mean_abs, one)
     g = torch.where(torch.isfinite(gain) & (gain > 0), gain, one)
-    threshold = math.log2(fmt.min_normal) - math.log2(math.sqrt(2.0) * _erfinv(underflow_prob) * _SQRT_PI_2)
-    k_lo = torch.ceil(threshold - torch.log2(safe_mean * torch.clamp(g, max=1.0)))
-    k_hi = torch.floor(math.log2(fmt.max) - headroom - torch.log2(safe_amax * torch.clamp(g, min=1.0)))
+    lo, hi = _rule_constants(fmt, underflow_prob, headroom)
+    k_lo = torch.ceil(lo - torch.log2(safe_mean * torch.clamp(g, max=1.0)))
+    k_hi = torch.floor(hi - torch.log2(safe_amax * torch.clamp(g, min=1.0)))
     k = torch.clamp(torch.minimum(k_lo, k_hi), -_LOG2_LIMIT, _LOG2_LIMIT)
     return k, valid
 
@@ -509,8 +516,15 @@ class LayerwiseScaler:
         self._set: list[bool] = [False] * len(names)
         self._out_factor: list[torch.Tensor] = []
         self._in_factor: list[torch.Tensor] = []
-        self._rec_in: list[tuple[int, torch.Tensor]] = []  # at a layer's output: [amax, sum|g|, nnz] (at S)
+        # Statistics of this iteration's backward, as recorded (reduced per layer at unscale_/update):
+        self._rec_in: list[tuple[int, torch.Tensor, torch.Tensor, int]] = []  # at a layer's output: amax, sum|g|,
+        #                                                                        elements (at S)
         self._rec_out: list[tuple[int, torch.Tensor]] = []  # at a layer's inputs: amax (at s_l)
+        self._k_lo: list[torch.Tensor] = []
+        self._k_hi: list[torch.Tensor] = []
+        self._prev: list[torch.Tensor] = []
+        self._new: list[torch.Tensor] = []
+        self._last_stats: dict[str, torch.Tensor] | None = None
         self._records: dict[int, tuple[str, torch.Tensor | None, torch.Tensor | None]] = {}
         self._last_skip: LayerSkipEvent | None = None
         self._last_step_skipped = False
@@ -561,8 +575,22 @@ class LayerwiseScaler:
         Syncs."""
         if not self._enabled:
             return {n: 1.0 for n in self._names}
-        values = self._pending_scales if self._scales is None else [float(v) for v in self._scales.tolist()]
+        current = self._scales
+        if current is not None and self._armed and self._stats == "current" and self._new:
+            current = torch.stack(self._new)  # set by this iteration's backward, before update()
+        values = self._pending_scales if current is None else [float(v) for v in current.tolist()]
         return dict(zip(self._names, self._effective(values), strict=True))
+
+    def layer_stats(self) -> dict[str, dict[str, float]]:
+        """The last iteration's statistics per layer (empty before the first ``update``), in true units:
+        ``scale`` (the layer's scale that iteration), ``amax`` and ``mean_abs`` of the gradient entering the
+        layer, ``amax_out`` of the gradient it produced for its inputs, and ``gain`` (as used next iteration).
+        Syncs."""
+        if self._last_stats is None:
+            return {}
+        keys = list(self._last_stats)
+        host = torch.stack([self._last_stats[k].double() for k in keys]).tolist()
+        return {n: {k: float(host[j][i]) for j, k in enumerate(keys)} for i, n in enumerate(self._names)}
 
     def layer_groups(self) -> list[tuple[str, ...]]:
         """Layers that share one scale (tied parameters), as found on the first forward; a group holding
@@ -729,38 +757,38 @@ class LayerwiseScaler:
                 "this iteration; start every backward through the model from scaler.scale(loss)."
             )
         r = self._rep[layer]
+        L = len(self._names)
         present = [g for g in gs if g is not None and g.numel() > 0]
-        if is_output:
-            if present:
-                a = torch.cat([g.detach().abs().reshape(-1) for g in present]) if len(present) > 1 else present[0].abs()
-                stat = torch.stack([a.amax(), a.sum(), torch.count_nonzero(a).to(a.dtype)]).float()
-                self._rec_in.append((layer, stat))
-                if r != len(self._names) and not self._set[r] and self._stats == "current":
-                    self._set_current_scale(r, stat)
-            factor = self._out_factor[r] if r != len(self._names) else None
-        else:
-            if present:
-                amax = torch.stack([g.detach().abs().amax() for g in present]).amax().float()
+        if present:
+            # |g| once; its max (overflow, culprit, gain) and, entering a layer, its sum (the adaptive rule).
+            a = present[0].abs() if len(present) == 1 else torch.cat([g.abs().reshape(-1) for g in present])
+            amax = a.amax()
+            if is_output:
+                total = a.sum() if self._mode == "adaptive" else amax
+                self._rec_in.append((layer, amax, total, a.numel()))
+                if r != L and self._stats == "current" and not self._set[r]:
+                    self._set_current_scale(r, amax, total, a.numel())
+            else:
                 self._rec_out.append((layer, amax))
-            factor = self._in_factor[r] if r != len(self._names) else None
-        if factor is None:
+        if r == L:
             return list(gs)
-        return [None if g is None else g * factor.to(g.dtype) for g in gs]
+        factor = self._out_factor[r] if is_output else self._in_factor[r]
+        return [None if g is None else g * (factor if g.dtype == factor.dtype else factor.to(g.dtype)) for g in gs]
 
-    def _set_current_scale(self, r: int, stat: torch.Tensor) -> None:
-        """Adaptive, current statistics: the group's scale for this iteration, from the gradient arriving now."""
-        assert self._scales is not None and self._gains is not None and self._S is not None
-        S = self._S
-        amax = stat[0] / S
-        mean = stat[1] / torch.clamp(stat[2], min=1.0) / S
-        k, valid = adaptive_log2_scales(
-            amax.reshape(1), mean.reshape(1), self._gains[r].reshape(1), self._fmt,
-            underflow_prob=self._underflow_prob, headroom=self._headroom,
-        )
-        new = torch.where(valid, torch.exp2(k), self._scales[r].reshape(1)).reshape(())
-        self._scales[r] = new
-        self._out_factor[r] = (new.double() / S.double()).float()
-        self._in_factor[r] = (S.double() / new.double()).float()
+    def _set_current_scale(self, r: int, amax: torch.Tensor, total: torch.Tensor, n: int) -> None:
+        """Adaptive, current statistics: the group's scale for this iteration, from the gradient arriving now.
+
+        :func:`adaptive_log2_scales` with the per-layer constants folded in at the start of the iteration
+        (``_k_lo``, ``_k_hi``: thresholds, log2 S and the gain), so that it costs a dozen scalar ops. No sync."""
+        assert self._S is not None
+        k_lo = torch.ceil((self._k_lo[r] + math.log2(n)) - torch.log2(total.float()))
+        k_hi = torch.floor(self._k_hi[r] - torch.log2(amax.float()))
+        k = torch.minimum(k_lo, k_hi)
+        # log2(0) = -inf and a non-finite amax make k non-finite: keep the previous scale then.
+        new = torch.where(torch.isfinite(k), torch.exp2(torch.clamp(k, -_LOG2_LIMIT, _LOG2_LIMIT)), self._prev[r])
+        self._new[r] = new
+        self._out_factor[r] = new / self._S
+        self._in_factor[r] = self._S / new
         self._set[r] = True
 
     # ------------------------------------------------------------------------------------------------------
@@ -792,11 +820,19 @@ class LayerwiseScaler:
                 self._stats = "previous" if dist else "current"
             else:
                 self._stats = self._stats_setting
-        S64 = self._S.double()
-        s64 = self._scales.double()
-        self._out_factor = list((s64 / S64).float().unbind())
-        self._in_factor = list((S64 / s64).float().unbind())
+        # Powers of two divide exactly; otherwise FP32 division is correctly rounded.
+        self._out_factor = list((self._scales / self._S).unbind())
+        self._in_factor = list((self._S / self._scales).unbind())
         self._set = [False] * len(self._names)
+        if self._stats == "current" and self._names:
+            assert self._gains is not None
+            log_s = torch.log2(self._S)
+            g = torch.where(torch.isfinite(self._gains) & (self._gains > 0), self._gains, torch.ones_like(self._gains))
+            lo, hi = _rule_constants(self._fmt, self._underflow_prob, self._headroom)
+            self._k_lo = list((lo + log_s - torch.log2(torch.clamp(g, max=1.0))).unbind())
+            self._k_hi = list((hi + log_s - torch.log2(torch.clamp(g, min=1.0))).unbind())
+            self._prev = list(self._scales.unbind())
+            self._new = list(self._prev)
         self._armed = True
 
     def scale(self, outputs: Any) -> Any:
@@ -891,7 +927,7 @@ class LayerwiseScaler:
 
     def _boundary_bad(self) -> torch.Tensor:
         assert self._S is not None
-        vals = [s[0] for _, s in self._rec_in] + [a for _, a in self._rec_out]
+        vals = [rec[1] for rec in self._rec_in] + [a for _, a in self._rec_out]
         if not vals:
             return torch.zeros((), dtype=torch.float32, device=self._S.device)
         return (~torch.isfinite(torch.stack(vals))).any().float()
@@ -902,26 +938,27 @@ class LayerwiseScaler:
         L, dev = len(self._names), self._S.device
         amax_in = torch.zeros(L, device=dev)
         sum_in = torch.zeros(L, device=dev)
-        nnz_in = torch.zeros(L, device=dev)
+        count_in = torch.zeros(L, device=dev)
         amax_out = torch.zeros(L, device=dev)
         if self._rec_in:
-            idx = torch.tensor([i for i, _ in self._rec_in], device=dev)
-            st = torch.stack([s for _, s in self._rec_in])
-            amax_in = amax_in.scatter_reduce(0, idx, st[:, 0], "amax", include_self=False)
-            sum_in = sum_in.index_add(0, idx, st[:, 1])
-            nnz_in = nnz_in.index_add(0, idx, st[:, 2])
+            idx = torch.tensor([rec[0] for rec in self._rec_in], device=dev)
+            amax_in = amax_in.scatter_reduce(0, idx, torch.stack([rec[1] for rec in self._rec_in]).float(), "amax",
+                                             include_self=False)
+            sum_in = sum_in.index_add(0, idx, torch.stack([rec[2] for rec in self._rec_in]).float())
+            counts = torch.tensor([float(rec[3]) for rec in self._rec_in], device=dev)
+            count_in = count_in.index_add(0, idx, counts)
         if self._rec_out:
             idx = torch.tensor([i for i, _ in self._rec_out], device=dev)
-            amax_out = amax_out.scatter_reduce(0, idx, torch.stack([a for _, a in self._rec_out]), "amax",
+            amax_out = amax_out.scatter_reduce(0, idx, torch.stack([a for _, a in self._rec_out]).float(), "amax",
                                              include_self=False)
-        stats = {"amax_in": amax_in, "sum_in": sum_in, "nnz_in": nnz_in, "amax_out": amax_out}
+        stats = {"amax_in": amax_in, "sum_in": sum_in, "count_in": count_in, "amax_out": amax_out}
         if _compat_dist_initialized():
             mx = torch.stack([amax_in, amax_out])
-            sm = torch.stack([sum_in, nnz_in])
+            sm = torch.stack([sum_in, count_in])
             mx = torch.nan_to_num(mx, nan=math.inf)  # MAX over ranks must not drop a NaN
             torch.distributed.all_reduce(mx, op=torch.distributed.ReduceOp.MAX, group=self._process_group)
             torch.distributed.all_reduce(sm, op=torch.distributed.ReduceOp.SUM, group=self._process_group)
-            stats = {"amax_in": mx[0], "amax_out": mx[1], "sum_in": sm[0], "nnz_in": sm[1]}
+            stats = {"amax_in": mx[0], "amax_out": mx[1], "sum_in": sm[0], "count_in": sm[1]}
         return stats
 
     def _culprits(self, stats: Mapping[str, torch.Tensor], weight_bad: torch.Tensor) -> torch.Tensor:
@@ -1027,11 +1064,20 @@ class LayerwiseScaler:
         stats = self._per_layer_stats()
         L = len(self._names)
         S = self._S
+        if self._stats == "current" and L and self._new:
+            self._scales = torch.stack(self._new)  # the scales this backward used (set as gradients arrived)
         # Gain of each layer, in true units: (amax leaving / s_l) / (amax entering / S).
         eff = self._effective_tensor()
         gain = (stats["amax_out"] / eff) / (stats["amax_in"] / S)
         ok = torch.isfinite(gain) & (gain > 0)
         self._gains = torch.where(ok, gain, self._gains)
+        self._last_stats = {
+            "scale": eff,
+            "amax": stats["amax_in"] / S,
+            "mean_abs": stats["sum_in"] / torch.clamp(stats["count_in"], min=1.0) / S,
+            "amax_out": stats["amax_out"] / eff,
+            "gain": self._gains,
+        }
         if self._mode == "dynamic" and L:
             culprit = self._culprits(stats, weight_bad)[:L]
             hold = ~torch.isfinite(stats["amax_in"]) & found.bool()
@@ -1051,7 +1097,7 @@ class LayerwiseScaler:
             self._trackers = torch.where(hold, self._trackers, new.growth_tracker)
         elif self._stats == "previous" and L:
             amax = stats["amax_in"] / S
-            mean = stats["sum_in"] / torch.clamp(stats["nnz_in"], min=1.0) / S
+            mean = stats["sum_in"] / torch.clamp(stats["count_in"], min=1.0) / S
             k, valid = adaptive_log2_scales(
                 amax, mean, self._gains, self._fmt, underflow_prob=self._underflow_prob, headroom=self._headroom
             )
@@ -1063,6 +1109,7 @@ class LayerwiseScaler:
         self._records = {}
         self._rec_in = []
         self._rec_out = []
+        self._new = []
         self._armed = False
 
     def _effective_tensor(self) -> torch.Tensor:
