@@ -97,7 +97,6 @@ AMBIENT = "<outside layers>"  # the name used for the code around the layers (lo
 # conversion factor s/S and S/s is a normal FP32 number (multiplying by a power of two is then exact).
 _LOG2_LIMIT = 100
 _LOSS_LOG2_LIMIT = 20
-_SQRT_PI_2 = math.sqrt(math.pi / 2.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,14 +157,14 @@ def _erfinv(p: float) -> float:
 
 
 def _rule_constants(fmt: FloatFormat, underflow_prob: float, headroom: int) -> tuple[float, float]:
-    """``(log2(min_normal / (sqrt(2) erfinv(p) sqrt(pi/2))), log2(max) - headroom)`` of the adaptive rule."""
-    lo = math.log2(fmt.min_normal) - math.log2(math.sqrt(2.0) * _erfinv(underflow_prob) * _SQRT_PI_2)
+    """``(log2(min_normal / (sqrt(2) erfinv(p))), log2(max) - headroom)`` of the adaptive rule."""
+    lo = math.log2(fmt.min_normal) - math.log2(math.sqrt(2.0) * _erfinv(underflow_prob))
     return lo, math.log2(fmt.max) - headroom
 
 
 def adaptive_log2_scales(
     amax: torch.Tensor,
-    mean_abs: torch.Tensor,
+    rms: torch.Tensor,
     gain: torch.Tensor,
     fmt: FloatFormat,
     *,
@@ -174,11 +173,11 @@ def adaptive_log2_scales(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The adaptive rule (Zhao et al. 2019), elementwise over layers: ``(k, valid)`` with scale ``2^k``.
 
-    From the largest magnitude ``amax`` and the mean magnitude ``mean_abs`` of the gradient entering each layer
-    (true units; the mean is over all elements, zeros included, which errs towards a larger scale), and the
-    layer's gain ``gain`` (largest gradient it produced / largest it received)::
+    From the largest magnitude ``amax`` and the root mean square ``rms`` of the gradient entering each layer
+    (true units; over all elements, zeros included, which errs towards a larger scale), and the layer's gain
+    ``gain`` (largest gradient it produced / largest it received)::
 
-        sigma = mean_abs * sqrt(pi / 2)              # Gaussian elements: E|x| = sigma * sqrt(2 / pi)
+        sigma = rms                                  # the elements modelled as N(0, sigma^2)
         k_lo  = ceil(log2(min_normal / (sigma * min(gain, 1) * sqrt(2) * erfinv(underflow_prob))))
                                                      # P(|x * 2^k| < min_normal) <= underflow_prob
         k_hi  = floor(log2(max / (amax * max(gain, 1))) - headroom)     # no overflow, with headroom
@@ -196,12 +195,12 @@ def adaptive_log2_scales(
         (29, True)
     """
     amax = amax.float()
-    mean_abs = mean_abs.float()
+    rms = rms.float()
     gain = gain.float()
-    valid = torch.isfinite(amax) & (amax > 0) & torch.isfinite(mean_abs) & (mean_abs > 0)
+    valid = torch.isfinite(amax) & (amax > 0) & torch.isfinite(rms) & (rms > 0)
     one = torch.ones_like(amax)
     safe_amax = torch.where(valid, amax, one)
-    safe_mean = torch.where(valid, mean_abs, one)
+    safe_mean = torch.where(valid, rms, one)
     g = torch.where(torch.isfinite(gain) & (gain > 0), gain, one)
     lo, hi = _rule_constants(fmt, underflow_prob, headroom)
     k_lo = torch.ceil(lo - torch.log2(safe_mean * torch.clamp(g, max=1.0)))
@@ -212,7 +211,7 @@ def adaptive_log2_scales(
 
 def recommend_layer_scales(
     amax: Mapping[str, float],
-    mean_abs: Mapping[str, float],
+    rms: Mapping[str, float],
     fmt: FloatFormat,
     *,
     underflow_prob: float = 2.0**-10,
@@ -228,11 +227,11 @@ def recommend_layer_scales(
         >>> recommend_layer_scales({"fc1": 2.0**-2, "fc9": 2.0**-40}, {"fc1": 2.0**-5, "fc9": 2.0**-43}, FP16)
         {'fc1': 2.0, 'fc9': 549755813888.0}
     """
-    names = [n for n in amax if n in mean_abs]
+    names = [n for n in amax if n in rms]
     if not names:
         return {}
     a = torch.tensor([float(amax[n]) for n in names], dtype=torch.float64)
-    m = torch.tensor([float(mean_abs[n]) for n in names], dtype=torch.float64)
+    m = torch.tensor([float(rms[n]) for n in names], dtype=torch.float64)
     k, valid = adaptive_log2_scales(
         a, m, torch.ones_like(a), fmt, underflow_prob=underflow_prob, headroom=headroom
     )
@@ -517,8 +516,8 @@ class LayerwiseScaler:
         self._out_factor: list[torch.Tensor] = []
         self._in_factor: list[torch.Tensor] = []
         # Statistics of this iteration's backward, as recorded (reduced per layer at unscale_/update):
-        self._rec_in: list[tuple[int, torch.Tensor, torch.Tensor, int]] = []  # at a layer's output: amax, sum|g|,
-        #                                                                        elements (at S)
+        # at a layer's output: amax, 2-norm, elements (at S)
+        self._rec_in: list[tuple[int, torch.Tensor, torch.Tensor, int]] = []
         self._rec_out: list[tuple[int, torch.Tensor]] = []  # at a layer's inputs: amax (at s_l)
         self._k_lo: list[torch.Tensor] = []
         self._k_hi: list[torch.Tensor] = []
@@ -583,7 +582,7 @@ class LayerwiseScaler:
 
     def layer_stats(self) -> dict[str, dict[str, float]]:
         """The last iteration's statistics per layer (empty before the first ``update``), in true units:
-        ``scale`` (the layer's scale that iteration), ``amax`` and ``mean_abs`` of the gradient entering the
+        ``scale`` (the layer's scale that iteration), ``amax`` and ``rms`` of the gradient entering the
         layer, ``amax_out`` of the gradient it produced for its inputs, and ``gain`` (as used next iteration).
         Syncs."""
         if self._last_stats is None:
@@ -652,10 +651,14 @@ class LayerwiseScaler:
             _flatten((args, kwargs), flat)
             if not flat:
                 return None
-            wrapped = _Boundary.apply(self, layer, False, *flat)  # type: ignore[no-untyped-call]
+            # One boundary output per distinct tensor, so that ``query is key is value`` still holds inside the
+            # layer (nn.MultiheadAttention takes its packed self-attention path only then).
+            unique = list({id(t): t for t in flat}.values())
+            wrapped = _Boundary.apply(self, layer, False, *unique)  # type: ignore[no-untyped-call]
             if self._tracing:
                 self._in_nodes.append(wrapped[0].grad_fn)
-            new_args, new_kwargs = _rebuild((args, kwargs), wrapped)
+            by_id = {id(t): w for t, w in zip(unique, wrapped, strict=True)}
+            new_args, new_kwargs = _rebuild((args, kwargs), [by_id[id(t)] for t in flat])
             return tuple(new_args), dict(new_kwargs)
 
         return pre
@@ -760,14 +763,23 @@ class LayerwiseScaler:
         L = len(self._names)
         present = [g for g in gs if g is not None and g.numel() > 0]
         if present:
-            # |g| once; its max (overflow, culprit, gain) and, entering a layer, its sum (the adaptive rule).
-            a = present[0].abs() if len(present) == 1 else torch.cat([g.abs().reshape(-1) for g in present])
-            amax = a.amax()
+            # The largest magnitude (overflow, culprit, gain) from aminmax, which writes no |g| temporary; entering
+            # a layer in adaptive mode also the 2-norm (the rule's RMS). NaN propagates through both.
+            amaxes = []
+            for g in present:
+                mn, mx = torch.aminmax(g)
+                amaxes.append(torch.maximum(mx, -mn))
+            amax = amaxes[0] if len(amaxes) == 1 else torch.stack(amaxes).amax()
             if is_output:
-                total = a.sum() if self._mode == "adaptive" else amax
-                self._rec_in.append((layer, amax, total, a.numel()))
+                n = sum(g.numel() for g in present)
+                if self._mode == "adaptive":
+                    norms = [torch.linalg.vector_norm(g) for g in present]
+                    norm = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
+                else:
+                    norm = amax
+                self._rec_in.append((layer, amax, norm, n))
                 if r != L and self._stats == "current" and not self._set[r]:
-                    self._set_current_scale(r, amax, total, a.numel())
+                    self._set_current_scale(r, amax, norm, n)
             else:
                 self._rec_out.append((layer, amax))
         if r == L:
@@ -775,13 +787,14 @@ class LayerwiseScaler:
         factor = self._out_factor[r] if is_output else self._in_factor[r]
         return [None if g is None else g * (factor if g.dtype == factor.dtype else factor.to(g.dtype)) for g in gs]
 
-    def _set_current_scale(self, r: int, amax: torch.Tensor, total: torch.Tensor, n: int) -> None:
+    def _set_current_scale(self, r: int, amax: torch.Tensor, norm: torch.Tensor, n: int) -> None:
         """Adaptive, current statistics: the group's scale for this iteration, from the gradient arriving now.
 
         :func:`adaptive_log2_scales` with the per-layer constants folded in at the start of the iteration
         (``_k_lo``, ``_k_hi``: thresholds, log2 S and the gain), so that it costs a dozen scalar ops. No sync."""
         assert self._S is not None
-        k_lo = torch.ceil((self._k_lo[r] + math.log2(n)) - torch.log2(total.float()))
+        # log2(rms) = log2(norm) - log2(n) / 2 (the rms in units of S; _k_lo holds log2 S)
+        k_lo = torch.ceil((self._k_lo[r] + 0.5 * math.log2(n)) - torch.log2(norm.float()))
         k_hi = torch.floor(self._k_hi[r] - torch.log2(amax.float()))
         k = torch.minimum(k_lo, k_hi)
         # log2(0) = -inf and a non-finite amax make k non-finite: keep the previous scale then.
@@ -944,7 +957,7 @@ class LayerwiseScaler:
             idx = torch.tensor([rec[0] for rec in self._rec_in], device=dev)
             amax_in = amax_in.scatter_reduce(0, idx, torch.stack([rec[1] for rec in self._rec_in]).float(), "amax",
                                              include_self=False)
-            sum_in = sum_in.index_add(0, idx, torch.stack([rec[2] for rec in self._rec_in]).float())
+            sum_in = sum_in.index_add(0, idx, torch.stack([rec[2] for rec in self._rec_in]).float().square())
             counts = torch.tensor([float(rec[3]) for rec in self._rec_in], device=dev)
             count_in = count_in.index_add(0, idx, counts)
         if self._rec_out:
@@ -1074,7 +1087,7 @@ class LayerwiseScaler:
         self._last_stats = {
             "scale": eff,
             "amax": stats["amax_in"] / S,
-            "mean_abs": stats["sum_in"] / torch.clamp(stats["count_in"], min=1.0) / S,
+            "rms": torch.sqrt(stats["sum_in"] / torch.clamp(stats["count_in"], min=1.0)) / S,
             "amax_out": stats["amax_out"] / eff,
             "gain": self._gains,
         }
@@ -1097,7 +1110,7 @@ class LayerwiseScaler:
             self._trackers = torch.where(hold, self._trackers, new.growth_tracker)
         elif self._stats == "previous" and L:
             amax = stats["amax_in"] / S
-            mean = stats["sum_in"] / torch.clamp(stats["count_in"], min=1.0) / S
+            mean = torch.sqrt(stats["sum_in"] / torch.clamp(stats["count_in"], min=1.0)) / S
             k, valid = adaptive_log2_scales(
                 amax, mean, self._gains, self._fmt, underflow_prob=self._underflow_prob, headroom=self._headroom
             )
