@@ -568,3 +568,53 @@ def test_recommend_layer_scales_skips_empty_layers() -> None:
     assert list(rec) == ["a"]
     k = math.log2(rec["a"])
     assert k == int(k)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# diagnose and the FP8 recipe
+
+
+def test_diagnose_recommends_per_layer_scales_that_fit() -> None:
+    """diagnose finds no single FP16 scale for the deep model and recommends per-layer ones; used as the
+    scales of a LayerwiseScaler (held fixed), they leave < 1% of activation gradients underflowing and no
+    overflow in the emulated run. Where a single scale fits (the MLP), no per-layer scales are given."""
+    base = deep_mlp()
+    x = torch.randn(64, WIDTH, generator=torch.Generator().manual_seed(5))
+    d = lossscale.diagnose(base, lambda m, b: m(b).square().sum() * 0.5, [x], formats=["fp16"], steps=1,
+                           optimizer=lambda ps: torch.optim.SGD(ps, lr=0.0))
+    f = d.format("fp16")
+    assert f.recommended_scale is None and f.layer_scales is not None
+    assert "lossscale.LayerwiseScaler" in f.recommendation
+    assert lossscale.Diagnosis.from_dict(d.to_dict()).format("fp16").layer_scales == f.layer_scales
+    model = copy.deepcopy(base)
+    names = set(select_layers(model))
+    scales = {n: v for n, v in f.layer_scales.items() if n in names}
+    assert scales.keys() == names
+    scaler = LayerwiseScaler(model, mode="dynamic", init_scale=scales, growth_interval=10**6)
+    frac, overflow = _activation_grad_loss(_deep_run(model, scaler))
+    assert overflow == 0 and frac < 0.01, frac
+
+    small = mlp()
+    data = [(torch.randn(8, 16), torch.randn(8, 4))]
+    d2 = lossscale.diagnose(small, lambda m, b: (m(b[0]) - b[1]).square().mean(), data, formats=["fp16"], steps=1)
+    assert d2.format("fp16").recommended_scale is not None and d2.format("fp16").layer_scales is None
+
+
+def test_fp8_hybrid_deep_model_layerwise_keeps_e5m2_gradients() -> None:
+    base = deep_mlp()
+
+    def run(model: nn.Module, scaler: Any) -> tuple[float, int]:
+        torch.manual_seed(5)
+        x = torch.randn(64, WIDTH)
+        counters = RoundingCounters()
+        with lossscale.autocast("fp8-hybrid", counters=counters, emulate=True):
+            out = model(x)
+        scaler.scale(out.square().sum() * 0.5).backward()
+        return _activation_grad_loss(counters)
+
+    for k in range(-30, 31, 2):  # every other binade: no single scale works
+        frac, overflow = run(copy.deepcopy(base), _Global(2.0**k))
+        assert frac >= 0.2 or overflow > 0, (k, frac)
+    model = copy.deepcopy(base)
+    frac, overflow = run(model, LayerwiseScaler(model, grad_format="e5m2"))
+    assert overflow == 0 and frac < 0.01, frac

@@ -55,6 +55,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 from torch.utils.hooks import RemovableHandle
@@ -81,6 +82,7 @@ __all__ = [
     "LayerwiseScaler",
     "adaptive_log2_scales",
     "recommend_layer_scales",
+    "recommend_layer_scales_from_histograms",
     "select_layers",
 ]
 
@@ -236,6 +238,38 @@ def recommend_layer_scales(
         a, m, torch.ones_like(a), fmt, underflow_prob=underflow_prob, headroom=headroom
     )
     return {n: math.ldexp(1.0, int(kk)) for n, kk, ok in zip(names, k.tolist(), valid.tolist(), strict=True) if ok}
+
+
+def recommend_layer_scales_from_histograms(
+    layers: Iterable[tuple[str, Sequence[float], float, float]],
+    hist_min_log2: int,
+    fmt: FloatFormat,
+    *,
+    underflow_prob: float = 2.0**-10,
+    headroom: int = 4,
+) -> dict[str, float]:
+    """:func:`recommend_layer_scales` from per-layer histograms of ``ceil(log2|g|)`` (what ``diagnose`` keeps).
+
+    ``layers`` holds ``(name, histogram, elements, max_abs)``: bin ``i`` counts ``2^(c-1) < |g| <= 2^c`` with
+    ``c = hist_min_log2 + i``, ``elements`` counts every element (zeros included). The RMS is estimated from
+    the bins' geometric centres (``|g| ~ 2^(c - 1/2)``), within a factor ``sqrt(2)``. Host-side.
+
+    Example:
+        >>> from lossscale import FP16
+        >>> hist = [0.0] * 10; hist[2] = 100.0          # 100 values in (2^-32, 2^-31]
+        >>> recommend_layer_scales_from_histograms([("fc", hist, 100.0, 2.0**-31)], -33, FP16)
+        {'fc': 268435456.0}
+    """
+    amax: dict[str, float] = {}
+    rms: dict[str, float] = {}
+    for name, hist, elements, max_abs in layers:
+        counts = np.asarray(hist, dtype=np.float64)
+        if elements <= 0 or counts.sum() <= 0 or not math.isfinite(max_abs):
+            continue
+        centres = np.arange(counts.size, dtype=np.float64) + hist_min_log2 - 0.5
+        amax[name] = float(max_abs)
+        rms[name] = math.sqrt(float((counts * np.exp2(2.0 * centres)).sum()) / float(elements))
+    return recommend_layer_scales(amax, rms, fmt, underflow_prob=underflow_prob, headroom=headroom)
 
 
 # ----------------------------------------------------------------------------------------------------------
