@@ -608,9 +608,7 @@ class LayerwiseScaler:
         Syncs."""
         if not self._enabled:
             return {n: 1.0 for n in self._names}
-        current = self._scales
-        if current is not None and self._armed and self._stats == "current" and self._new:
-            current = torch.stack(self._new)  # set by this iteration's backward, before update()
+        current = None if self._scales is None else self._scales_in_use()
         values = self._pending_scales if current is None else [float(v) for v in current.tolist()]
         return dict(zip(self._names, self._effective(values), strict=True))
 
@@ -688,9 +686,9 @@ class LayerwiseScaler:
             # One boundary output per distinct tensor, so that ``query is key is value`` still holds inside the
             # layer (nn.MultiheadAttention takes its packed self-attention path only then).
             unique = list({id(t): t for t in flat}.values())
-            wrapped = _Boundary.apply(self, layer, False, *unique)  # type: ignore[no-untyped-call]
+            wrapped = self._wrap(layer, False, unique)
             if self._tracing:
-                self._in_nodes.append(wrapped[0].grad_fn)
+                self._in_nodes.extend(w.grad_fn for w in wrapped)
             by_id = {id(t): w for t, w in zip(unique, wrapped, strict=True)}
             new_args, new_kwargs = _rebuild((args, kwargs), [by_id[id(t)] for t in flat])
             return tuple(new_args), dict(new_kwargs)
@@ -713,9 +711,14 @@ class LayerwiseScaler:
                 return None
             if self._tracing:
                 self._trace(layer, flat)
-            return _rebuild(output, _Boundary.apply(self, layer, True, *flat))  # type: ignore[no-untyped-call]
+            return _rebuild(output, self._wrap(layer, True, flat))
 
         return post
+
+    def _wrap(self, layer: int, is_output: bool, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        # One node per tensor: a node with several outputs would run (and call tensor hooks with None) for
+        # outputs that receive no gradient, such as an LSTM's unused final state.
+        return [_Boundary.apply(self, layer, is_output, t)[0] for t in tensors]  # type: ignore[no-untyped-call]
 
     def _trace(self, layer: int, outputs: list[torch.Tensor]) -> None:
         """Walk the layer's graph from its outputs to its own input boundaries; record the parameters used."""
@@ -894,7 +897,8 @@ class LayerwiseScaler:
             raise TypeError(f"scale() takes a Tensor or (nested) lists/tuples of Tensors, got {type(outputs).__name__}")
         first = probe[0]
         self._lazy_state(first.device)
-        if self._tracing:
+        if self._tracing and any(t.grad_fn is not None for t in probe):
+            # (a constant, e.g. a monitor's scale(1), is no loss: the trace ends at the first real one)
             self._finish_trace(probe)
         if not self._armed:
             self._begin_iteration()
@@ -959,7 +963,7 @@ class LayerwiseScaler:
         # Per group (L + 1 slots, the last for the code around the layers): was a weight gradient non-finite.
         weight_bad = torch.zeros(L + 1, dtype=torch.float32, device=dev)
         with torch.no_grad():
-            inv_all = (1.0 / self._scales.double()).float()
+            inv_all = (1.0 / self._scales_in_use().double()).float()
             inv_S = (1.0 / self._S.double()).float()
             for (r, device, _dtype), grads in buckets.items():
                 inv = inv_S if r == L else inv_all[r]
@@ -971,6 +975,13 @@ class LayerwiseScaler:
         if _compat_dist_initialized():
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, group=self._process_group)
         self._records[id(optimizer)] = ("unscaled", flags.amax(), flags[: L + 1])
+
+    def _scales_in_use(self) -> torch.Tensor:
+        """The per-layer scales of this iteration's backward (in ``stats="current"`` mode, as set during it)."""
+        assert self._scales is not None
+        if self._stats == "current" and self._armed and self._new:
+            return torch.stack(self._new)
+        return self._scales
 
     def _boundary_bad(self) -> torch.Tensor:
         assert self._S is not None
