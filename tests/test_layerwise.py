@@ -652,3 +652,18 @@ def test_fp32_gradients_bit_exact_on_every_study_model(mode: str) -> None:
             scaler.step(opt_lw)
             scaler.update()
         assert len(set(scaler.layer_scales().values())) > 1, task  # the scales really differ per layer
+
+
+@pytest.mark.slow
+def test_study_deep_mlp_layerwise_configuration() -> None:
+    """The study's fp16-mixed:layerwise on the deep MLP: the underflow that fp16-mixed:none suffers is gone
+    (emulation counters) and training gets the loss down as far as dynamic scaling (same record shape)."""
+    from lossscale.study.runner import RunSpec, run_one
+
+    none = run_one(RunSpec("deep-mlp", "fp16-mixed:none", 0, "tiny"))
+    lw = run_one(RunSpec("deep-mlp", "fp16-mixed:layerwise", 0, "tiny"))
+    assert none["underflow_fraction"]["fp16"] > 0.10
+    assert lw["underflow_fraction"]["fp16"] < 1e-3
+    assert lw["final_loss"] < none["final_loss"]
+    assert lw["scaler"]["kind"] == "layerwise" and len(lw["scaler"]["final_layer_scales"]) == 30
+    assert lw["skipped_steps"] == 0 and lw["config"] == "fp16-mixed:layerwise"
