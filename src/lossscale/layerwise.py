@@ -973,7 +973,7 @@ class LayerwiseScaler:
         # Activation gradients at the boundaries count too (a frozen layer's overflow has no weight gradient).
         flags = torch.cat([weight_bad, self._boundary_bad().reshape(1)])
         if _compat_dist_initialized():
-            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, group=self._process_group)
+            _all_reduce(flags, torch.distributed.ReduceOp.MAX, self._process_group)
         self._records[id(optimizer)] = ("unscaled", flags.amax(), flags[: L + 1])
 
     def _scales_in_use(self) -> torch.Tensor:
@@ -1014,8 +1014,8 @@ class LayerwiseScaler:
             mx = torch.stack([amax_in, amax_out])
             sm = torch.stack([sum_in, count_in])
             mx = torch.nan_to_num(mx, nan=math.inf)  # MAX over ranks must not drop a NaN
-            torch.distributed.all_reduce(mx, op=torch.distributed.ReduceOp.MAX, group=self._process_group)
-            torch.distributed.all_reduce(sm, op=torch.distributed.ReduceOp.SUM, group=self._process_group)
+            _all_reduce(mx, torch.distributed.ReduceOp.MAX, self._process_group)
+            _all_reduce(sm, torch.distributed.ReduceOp.SUM, self._process_group)
             stats = {"amax_in": mx[0], "amax_out": mx[1], "sum_in": sm[0], "count_in": sm[1]}
         return stats
 
@@ -1279,6 +1279,11 @@ def _flatten_any(value: Any, out: list[torch.Tensor]) -> None:
     elif isinstance(value, (list, tuple)):
         for v in value:
             _flatten_any(v, out)
+
+
+def _all_reduce(t: torch.Tensor, op: Any, group: Any) -> None:
+    """In place over ``group`` (no host sync on NCCL); the one place the scaler communicates."""
+    torch.distributed.all_reduce(t, op=op, group=group)
 
 
 def _compat_dist_initialized() -> bool:
