@@ -24,6 +24,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+pytestmark = pytest.mark.slow  # two spawned processes: ~45 s on a loaded 2-core machine
+
 STEPS = 6
 OVERFLOW_STEP = 3
 
