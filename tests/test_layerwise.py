@@ -195,6 +195,21 @@ def test_tensor_not_passed_as_argument_is_refused() -> None:
         owner(torch.randn(2, 4, requires_grad=True))
 
 
+def test_in_place_op_on_layer_output_is_exact() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(4, 8), nn.ReLU(inplace=True), nn.Linear(8, 8), nn.ReLU(inplace=True), nn.Linear(8, 1)
+    )
+    ref = copy.deepcopy(model)
+    x = torch.randn(8, 4)
+    ref(x).sum().backward()
+    scaler = LayerwiseScaler(model, mode="dynamic", init_scale={"0": 8.0, "2": 1024.0, "4": 2.0})
+    scaler.scale(model(x).sum()).backward()
+    scaler.unscale_(torch.optim.SGD(model.parameters(), lr=0.0))
+    for p, q in zip(ref.parameters(), model.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad)
+
+
 def test_backward_without_scale_is_refused() -> None:
     model = mlp()
     LayerwiseScaler(model)

@@ -280,7 +280,9 @@ class _Boundary(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, owner: LayerwiseScaler, layer: int, is_output: bool, *xs: torch.Tensor) -> Any:
         ctx.ls_owner, ctx.ls_layer, ctx.ls_is_output = owner, layer, is_output
-        return tuple(x.view_as(x) for x in xs)
+        # An alias, not a view: in-place ops on a layer's output (``ReLU(inplace=True)``) then work as they do
+        # without the scaler (a view made inside a custom Function may not be modified in place).
+        return tuple(x.detach() for x in xs)
 
     @staticmethod
     @once_differentiable
@@ -417,8 +419,7 @@ class LayerwiseScaler:
 
     Warning:
         Every backward through the model must start from ``scaler.scale(loss)`` (else RuntimeError), and
-        tensors must enter a layer through its forward arguments. In-place operations on a layer's output
-        are refused by autograd, as with ``register_full_backward_hook``.
+        tensors must enter a layer through its forward arguments.
     """
 
     def __init__(
