@@ -172,6 +172,37 @@ def test_parameter_shared_with_code_outside_layers_is_held_at_loss_scale() -> No
         assert torch.equal(g_ref[n], g_lw[n]), n
 
 
+def test_layer_first_used_after_the_first_iteration_is_traced_then() -> None:
+    class Late(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(4)
+            self.a = nn.Linear(4, 4)
+            self.b = nn.Linear(4, 4)
+            self.use_b = False
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.a(x)
+            return self.b(h) if self.use_b else h
+
+    model = Late()
+    ref = copy.deepcopy(model)
+    scaler = LayerwiseScaler(model, mode="dynamic", init_scale={"a": 4.0, "b": 256.0})
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    x = torch.randn(3, 4)
+    for use_b in (False, True):
+        model.use_b = ref.use_b = use_b
+        opt.zero_grad()
+        ref.zero_grad()
+        scaler.scale(model(x).sum()).backward()
+        ref(x).sum().backward()
+        scaler.step(opt)
+        scaler.update()
+        for p, q in zip(ref.parameters(), model.parameters(), strict=True):
+            if p.grad is not None:
+                assert torch.equal(p.grad, q.grad)
+
+
 def test_tensor_not_passed_as_argument_is_refused() -> None:
     class Sneaky(nn.Module):
         def __init__(self) -> None:

@@ -544,6 +544,7 @@ class LayerwiseScaler:
         self._param_scope: dict[int, int] = {}  # id(param) -> layer index or L (ambient)
         self._params: dict[int, torch.Tensor] = {}  # keeps traced parameters alive (ids stay unique)
         self._tracing = True
+        self._traced: set[int] = set()  # layers whose graph was walked
         self._in_nodes: list[Any] = []  # the input boundaries created while tracing (for the ambient walk)
         # Per-iteration state.
         self._armed = False
@@ -710,8 +711,11 @@ class LayerwiseScaler:
                         "layers= naming its submodules instead."
                     )
                 return None
-            if self._tracing:
+            if self._tracing or layer not in self._traced:
+                # (a layer first called after the first iteration is traced then, and the groups refreshed)
                 self._trace(layer, flat)
+                if not self._tracing:
+                    self._fix_groups()
             return _rebuild(output, self._wrap(layer, True, flat))
 
         return post
@@ -747,6 +751,7 @@ class LayerwiseScaler:
                 continue
             stack.extend(fn for fn, _ in node.next_functions)
         self._record_params(layer, params)
+        self._traced.add(layer)
 
     def _record_params(self, scope: int, params: Iterable[torch.Tensor]) -> None:
         for p in params:
@@ -781,12 +786,16 @@ class LayerwiseScaler:
             stack.extend(fn for fn, _ in node.next_functions)
         self._record_params(ambient, params)
         self._in_nodes = []
-        self._rep = []
+        self._fix_groups()
+        self._tracing = False
+
+    def _fix_groups(self) -> None:
+        ambient = len(self._names)
         root_ambient = self._uf.find(ambient)
+        self._rep = []
         for i in range(len(self._names)):
             r = self._uf.find(i)
             self._rep.append(ambient if r == root_ambient else r)
-        self._tracing = False
 
     # ------------------------------------------------------------------------------------------------------
     # Backward: rescale at the boundaries, gather statistics
