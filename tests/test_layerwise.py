@@ -419,6 +419,19 @@ def test_activation_overflow_in_frozen_layer_is_named() -> None:
     assert scaler.layer_scales() == {"0": 2.0**8, "2": 2.0**8, "4": 2.0**7}
 
 
+def test_overflow_outside_the_layers_is_named_as_such() -> None:
+    model = mlp()
+    scaler = LayerwiseScaler(model, mode="dynamic", init_scale=2.0**4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = scaler.layer_scales()
+    loss = model(torch.randn(4, 16)).sum() * math.inf  # the loss itself is not finite
+    scaler.scale(loss).backward()
+    assert scaler.step(opt) is None
+    scaler.update()
+    assert scaler.last_skip is not None and scaler.last_skip.culprits == ("<outside layers>",)
+    assert scaler.layer_scales() == before  # no layer is blamed, none backs off
+
+
 def test_dynamic_growth_trajectory_per_layer() -> None:
     model = mlp()
     scaler = LayerwiseScaler(model, mode="dynamic", init_scale=4.0, growth_interval=2)
