@@ -43,7 +43,8 @@ model's ``forward``) is held at S. A layer that reads a tensor which did not ent
 arguments (a closure, a cached attribute produced by another layer) is refused with a RuntimeError naming it.
 
 Host syncs: ``scale``, the backward hooks, ``unscale_`` and ``update`` never sync; ``step`` syncs once to
-decide (and once more on a skip, to name the culprit); ``get_scale``, ``layer_scales`` and ``state_dict`` sync.
+decide (and once more on a skip, to name the culprit); ``layer_scales``, ``layer_stats`` and ``state_dict`` sync;
+``get_scale`` does not (the loss scale is a constant).
 """
 
 from __future__ import annotations
