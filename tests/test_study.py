@@ -24,9 +24,9 @@ def test_every_name_parses_and_round_trips() -> None:
     assert C.CONFIG_NAMES == (
         "fp32",
         "bf16-mixed:none", "bf16-mixed:static", "bf16-mixed:dynamic",
-        "fp16-mixed:none", "fp16-mixed:static", "fp16-mixed:dynamic",
+        "fp16-mixed:none", "fp16-mixed:static", "fp16-mixed:dynamic", "fp16-mixed:layerwise",
         "bf16-pure:none", "bf16-pure:kahan", "bf16-pure:stochastic",
-        "fp8-hybrid:none", "fp8-hybrid:dynamic",
+        "fp8-hybrid:none", "fp8-hybrid:dynamic", "fp8-hybrid:layerwise",
     )
     for name in C.CONFIG_NAMES:
         assert C.StudyConfig.parse(name).name == name

@@ -8,6 +8,7 @@ from .quantize import RoundingInfo, explain, quantize
 from .precision import Precision
 from .emulate import Autocast, LowPrecisionWeights, RoundingCounters, SiteCounts, autocast, low_precision_weights
 from .scaler import LossScaler, NonFiniteGrad, SkipBudgetExceeded, SkipEvent, SkipWarning
+from .layerwise import LayerSkipEvent, LayerwiseScaler
 from . import optim
 from .scaling import DynamicScaling, NoScaling, ScalingConfig, ScalingState, StaticScaling, update_scale
 from .monitor import GradientMonitor
@@ -34,6 +35,8 @@ __all__ = [
     "SkipBudgetExceeded",
     "SkipWarning",
     "NonFiniteGrad",
+    "LayerwiseScaler",
+    "LayerSkipEvent",
     "DynamicScaling",
     "StaticScaling",
     "NoScaling",

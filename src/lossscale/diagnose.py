@@ -234,6 +234,8 @@ class FormatDiagnosis:
     activation: Mapping[str, float]
     recommendation: str
     recommended_scale_exact: bool = True
+    # Per-layer scales (by module name, for lossscale.LayerwiseScaler) when no single scale fits, else None.
+    layer_scales: Mapping[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -247,6 +249,7 @@ class FormatDiagnosis:
             "weight": dict(self.weight),
             "activation": dict(self.activation),
             "recommendation": self.recommendation,
+            "layer_scales": None if self.layer_scales is None else dict(self.layer_scales),
         }
 
 
@@ -356,6 +359,7 @@ class Diagnosis:
             interval = recommend_scale(hist, numel, finite_max, fmt, threshold, finite=nonfinite == 0)
             updated = w_row[cols.updated]
             swamp = _frac(w_row[cols.swamped(f)], updated) if updated > 0 else None
+            layer_scales = _layer_scales(stats, fmt, threshold) if interval is None and nonfinite == 0 else None
             formats[fmt.name] = FormatDiagnosis(
                 name=fmt.name,
                 needs_scaling=needs,
@@ -363,7 +367,9 @@ class Diagnosis:
                 swamping_fraction=swamp,
                 weight=_region_fractions(w_row, cols, f),
                 activation=_region_fractions(a_row, cols, f),
-                recommendation=_recommend_text(fmt, fr, needs, interval, swamp, threshold, nonfinite),
+                recommendation=_recommend_text(fmt, fr, needs, interval, swamp, threshold, nonfinite)
+                + _layer_scales_text(layer_scales),
+                layer_scales=layer_scales,
                 recommended_scale_exact=bool(_zero_bin(fmt)[1] and hist[0] == 0),
                 **fr,
             )
@@ -465,6 +471,7 @@ class Diagnosis:
                 activation=f["activation"],
                 recommendation=f["recommendation"],
                 recommended_scale_exact=f.get("recommended_scale_exact", True),
+                layer_scales=f.get("layer_scales"),
             )
         layers = tuple(
             LayerDiagnosis(
@@ -552,6 +559,30 @@ class Diagnosis:
                 site, _, fmt = key.rpartition("|")
                 lines.append(f"| {site} | {fmt} | {v['elements']:,} | {v['underflow']:,} | {v['overflow']:,} |")
         return "\n".join(lines) + "\n"
+
+
+def _layer_scales(stats: MonitorStats, fmt: FloatFormat, threshold: float) -> dict[str, float] | None:
+    """Per-layer scales from the activation gradients' histograms (lossscale.layerwise's adaptive rule)."""
+    from .layerwise import recommend_layer_scales_from_histograms
+
+    cols = stats.columns
+    rows = [
+        (e.name, row[cols.hist], float(row[cols.NUMEL]), float(row[cols.MAX_ABS]))
+        for e, row in zip(stats.entries, stats.total, strict=False)
+        if e.kind == "activation"
+    ]
+    scales = recommend_layer_scales_from_histograms(rows, HIST_MIN_LOG2, fmt, underflow_prob=min(threshold, 0.25))
+    return scales or None
+
+
+def _layer_scales_text(scales: Mapping[str, float] | None) -> str:
+    if not scales:
+        return ""
+    logs = [round(math.log2(v)) for v in scales.values()]
+    return (
+        f" Per-layer scales that fit (lossscale.LayerwiseScaler, the layer_scales field) span 2^{min(logs)} .. "
+        f"2^{max(logs)} over {len(logs)} layers."
+    )
 
 
 def _clamp(k: int, interval: ScaleInterval) -> int:

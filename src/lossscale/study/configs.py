@@ -6,15 +6,18 @@ name               precision (``lossscale.Precision`` preset)   variant
 =================  ===========================================  =========================================
 ``fp32``           FP32 everywhere                              (none)
 ``bf16-mixed:V``   BF16 compute and gradients, FP32 weights     loss scaling V: none / static / dynamic
-``fp16-mixed:V``   FP16 compute and gradients, FP32 weights     loss scaling V: none / static / dynamic
+``fp16-mixed:V``   FP16 compute and gradients, FP32 weights     loss scaling V: none / static / dynamic /
+                                                                layerwise
 ``bf16-pure:V``    as bf16-mixed, weights stored in BF16        optimizer compensation V: none / kahan /
                                                                 stochastic (no loss scaling)
 ``fp8-hybrid:V``   E4M3 forward (per-tensor current scaling),   loss scaling V of the E5M2 gradients:
-                   E5M2 activation gradients, FP32 weights      none / dynamic
+                   E5M2 activation gradients, FP32 weights      none / dynamic / layerwise
 =================  ===========================================  =========================================
 
 ``static`` uses a constant power-of-two scale chosen by ``lossscale.diagnose`` on the run's own model and
-data before training (Micikevicius et al. 2018 picked such constants by hand: 8 to 32K).
+data before training (Micikevicius et al. 2018 picked such constants by hand: 8 to 32K). ``layerwise`` uses
+``lossscale.LayerwiseScaler`` (a scale per layer, adaptive rule of Zhao et al. 2019) targeting the recipe's
+gradient format.
 
 >>> StudyConfig.parse("fp16-mixed:dynamic").scaling
 'dynamic'
@@ -39,16 +42,16 @@ __all__ = [
 ]
 
 PrecisionName = Literal["fp32", "bf16-mixed", "fp16-mixed", "bf16-pure", "fp8-hybrid"]
-Scaling = Literal["none", "static", "dynamic"]
+Scaling = Literal["none", "static", "dynamic", "layerwise"]
 Compensation = Literal["none", "kahan", "stochastic"]
 
 # precision -> its allowed variants, in the order tables list them.
 _VARIANTS: dict[str, tuple[str, ...]] = {
     "fp32": (),
     "bf16-mixed": ("none", "static", "dynamic"),
-    "fp16-mixed": ("none", "static", "dynamic"),
+    "fp16-mixed": ("none", "static", "dynamic", "layerwise"),
     "bf16-pure": ("none", "kahan", "stochastic"),
-    "fp8-hybrid": ("none", "dynamic"),
+    "fp8-hybrid": ("none", "dynamic", "layerwise"),
 }
 
 CONFIG_NAMES: tuple[str, ...] = tuple(
@@ -87,8 +90,10 @@ class StudyConfig:
             raise ValueError(
                 f"precision must be one of {tuple(_VARIANTS)}, got {self.precision!r}"
             )
-        if self.scaling not in ("none", "static", "dynamic"):
-            raise ValueError(f"scaling must be 'none', 'static' or 'dynamic', got {self.scaling!r}")
+        if self.scaling not in ("none", "static", "dynamic", "layerwise"):
+            raise ValueError(
+                f"scaling must be 'none', 'static', 'dynamic' or 'layerwise', got {self.scaling!r}"
+            )
         if self.compensation not in ("none", "kahan", "stochastic"):
             raise ValueError(
                 f"compensation must be 'none', 'kahan' or 'stochastic', got {self.compensation!r}"

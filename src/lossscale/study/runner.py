@@ -252,7 +252,7 @@ def run_one(spec: RunSpec, *, on_step: Callable[[int, int], None] | None = None)
     Deterministic on CPU for a fixed seed and thread count. Syncs freely (this is the study's loop, not a
     library per-step path), but only once per step beyond what the scaler does (to record the loss curve).
     """
-    from .. import LossScaler
+    from .. import LayerwiseScaler, LossScaler
     from ..emulate import RoundingCounters, autocast, low_precision_weights
     from ..monitor import GradientMonitor
 
@@ -281,12 +281,17 @@ def run_one(spec: RunSpec, *, on_step: Callable[[int, int], None] | None = None)
     def on_skip(ev: Any) -> None:
         skipped_at.append(int(ev.step))
 
+    scaler: LossScaler | LayerwiseScaler
     if config.scaling == "dynamic":
         scaler = LossScaler(init_scale=DYNAMIC_INIT_SCALE, growth_interval=growth_interval, on_skip=on_skip)
         scaler_desc: dict[str, Any] = {
             "kind": "dynamic", "init_scale": DYNAMIC_INIT_SCALE, "growth_factor": 2.0, "backoff_factor": 0.5,
             "growth_interval": growth_interval, "hysteresis": 1,
         }
+    elif config.scaling == "layerwise":
+        assert config.grad_format is not None
+        scaler = LayerwiseScaler(model, grad_format=config.grad_format, on_skip=on_skip)
+        scaler_desc = {"kind": "layerwise", "mode": "adaptive", "grad_format": config.grad_format, "loss_scale": 1.0}
     elif config.scaling == "static":
         scaler = LossScaler(init_scale=init_scale, dynamic=False, on_skip=on_skip)
         scaler_desc = {"kind": "static", "scale": init_scale, "chosen_by": "lossscale.diagnose", **(static_info or {})}
@@ -342,11 +347,12 @@ def run_one(spec: RunSpec, *, on_step: Callable[[int, int], None] | None = None)
             if clip is not None:
                 scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(params, clip)
-            scale_used = scaler.state.scale if scaler.is_enabled() else None
+            # (a LayerwiseScaler's loss scale is a constant; its per-layer scales are reported at the end)
+            scale_used = scaler.state.scale if isinstance(scaler, LossScaler) and scaler.is_enabled() else None
             if scale_used is not None:
                 scales[step] = scale_used
             else:
-                scales[step] = 1.0
+                scales[step] = scaler.get_scale() if scaler.is_enabled() else 1.0
             if weights_handle is not None:
                 weights_handle.round_grads_()  # a BF16 parameter's gradient is BF16
             scaler.step(opt)
@@ -361,6 +367,8 @@ def run_one(spec: RunSpec, *, on_step: Callable[[int, int], None] | None = None)
     train_seconds = time.perf_counter() - t0
 
     metrics = inst.evaluate(model, eval_ctx)
+    if isinstance(scaler, LayerwiseScaler):
+        scaler_desc["final_layer_scales"] = scaler.layer_scales()
     stats = monitor.read()
     monitor.remove()
     if weights_handle is not None:
