@@ -551,7 +551,7 @@ def test_load_state_dict_rejects_bad_dicts_and_leaves_scaler_unchanged() -> None
         ({"underflow_prob": 0.7}, ValueError, "underflow_prob must lie"),
         ({"underflow_prob": "x"}, TypeError, "underflow_prob must be a float"),
         ({"headroom": -1}, ValueError, "headroom must be an int >= 0"),
-        ({"growth_factor": 1.0}, ValueError, "growth_factor"),
+        ({"growth_factor": 0.5}, ValueError, "growth_factor"),
         ({"backoff_factor": 2.0}, ValueError, "backoff_factor"),
         ({"growth_interval": 0}, ValueError, "growth_interval"),
         ({"max_consecutive_skips": 0}, ValueError, "max_consecutive_skips"),
