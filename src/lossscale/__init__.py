@@ -5,6 +5,7 @@ Public API, re-exported by hand. See README.md for a tour.
 
 from .formats import BF16, E2M1, E2M3, E3M2, E4M3, E5M2, FP16, FP32, PRESETS, FloatFormat
 from .quantize import RoundingInfo, explain, quantize
+from .blockformats import BLOCK_PRESETS, MXFP4, MXFP6_E2M3, MXFP6_E3M2, MXFP8_E4M3, MXFP8_E5M2, NVFP4, BlockFormat
 from .precision import Precision
 from .emulate import Autocast, LowPrecisionWeights, RoundingCounters, SiteCounts, autocast, low_precision_weights
 from .scaler import LossScaler, SkipBudgetExceeded, SkipEvent
@@ -28,6 +29,14 @@ __all__ = [
     "E2M3",
     "E3M2",
     "quantize",
+    "BlockFormat",
+    "BLOCK_PRESETS",
+    "MXFP8_E4M3",
+    "MXFP8_E5M2",
+    "MXFP6_E2M3",
+    "MXFP6_E3M2",
+    "MXFP4",
+    "NVFP4",
     "LossScaler",
     "SkipEvent",
     "SkipBudgetExceeded",
