@@ -7,6 +7,8 @@ from .formats import BF16, E2M1, E2M3, E3M2, E4M3, E5M2, FP16, FP32, PRESETS, Fl
 from .quantize import RoundingInfo, explain, quantize
 from .blockformats import BLOCK_PRESETS, MXFP4, MXFP6_E2M3, MXFP6_E3M2, MXFP8_E4M3, MXFP8_E5M2, NVFP4, BlockFormat
 from .precision import Precision
+from .emulate import RecipeCounts, RecipeState
+from .scaling_recipes import ScalingRecipe
 from .emulate import Autocast, LowPrecisionWeights, RoundingCounters, SiteCounts, autocast, low_precision_weights
 from .scaler import LossScaler, SkipBudgetExceeded, SkipEvent
 from . import optim
@@ -50,6 +52,9 @@ __all__ = [
     "explain",
     "RoundingInfo",
     "Precision",
+    "ScalingRecipe",
+    "RecipeState",
+    "RecipeCounts",
     "autocast",
     "Autocast",
     "RoundingCounters",
