@@ -562,6 +562,8 @@ def diagnose(
     optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None,
     activations: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    recipes: Iterable[str] | None = None,
+    recipe_steps: int = 200,
 ) -> Diagnosis:
     """Train a copy of ``model`` in FP32 for ``steps`` steps, measuring every gradient, and judge each format.
 
@@ -583,6 +585,9 @@ def diagnose(
             default ``torch.optim.SGD(params, lr=0.01)``.
         activations: also measure activation gradients (leaf module outputs).
         progress: called as ``progress(done, steps)`` after each step.
+        recipes: also run the recipe advisor (:func:`lossscale.recipe_advisor.diagnose_recipes`) for these
+            recipes (e.g. ``["fp8-delayed", "mxfp8", "nvfp4"]``), ``recipe_steps`` steps each; its report's
+            ``to_dict()`` lands in ``meta["recipes"]`` (the batches are materialised once for both).
 
     Example:
         >>> import torch
@@ -605,6 +610,8 @@ def diagnose(
     if optimizer is not None and not callable(optimizer):
         raise TypeError("optimizer must be a callable params -> torch.optim.Optimizer, or None")
 
+    if recipes is not None:
+        batches = list(itertools.islice(iter(batches), max(steps, recipe_steps)))
     reference = copy.deepcopy(model).float().train()
     params = [p for p in reference.parameters() if p.requires_grad]
     if not params:
@@ -641,4 +648,10 @@ def diagnose(
         "torch_version": torch.__version__,
         "device": str(params[0].device),
     }
+    if recipes is not None:
+        from .recipe_advisor import diagnose_recipes  # the advisor sits beside diagnose; imported on demand
+
+        meta["recipes"] = diagnose_recipes(
+            model, loss_fn, batches, recipes=list(recipes), steps=recipe_steps, optimizer=optimizer
+        ).to_dict()
     return Diagnosis.from_stats(stats, threshold=threshold, meta=meta)

@@ -107,7 +107,7 @@ class RecipeState:
         self._counts: dict[tuple[str, str], torch.Tensor] = {}
         self._elements: dict[tuple[str, str], int] = {}
         self.amax: dict[str, list[torch.Tensor]] = {}
-        self.scales: dict[str, list[torch.Tensor]] = {}
+        self.hists: dict[str, list[torch.Tensor]] = {}
 
     def _add(self, key: tuple[str, str], x: torch.Tensor, values: list[torch.Tensor]) -> None:
         self._elements[key] = self._elements.get(key, 0) + x.numel()
@@ -125,6 +125,12 @@ class RecipeState:
         host = torch.stack([self._counts[k].cpu() for k in keys]).tolist()
         return {k: RecipeCounts(self._elements[k], *row) for k, row in sorted(zip(keys, host, strict=True))}
 
+    def histograms(self, key: str) -> list[list[int]]:
+        """Per recorded call at ``key``: counts of nonzero finite values per binade ``floor(log2|x|)``, from
+        ``HIST_MIN_LOG2`` (-149) to 127. Synchronises once."""
+        seq = self.hists.get(key, [])
+        return torch.stack(seq).cpu().tolist() if seq else []
+
     def amax_sequence(self, key: str) -> list[float]:
         """The recorded amax per call at ``key`` (``site.role``). Synchronises once."""
         seq = self.amax.get(key, [])
@@ -135,7 +141,18 @@ class RecipeState:
         self._counts.clear()
         self._elements.clear()
         self.amax.clear()
-        self.scales.clear()
+        self.hists.clear()
+
+
+HIST_MIN_LOG2, HIST_MAX_LOG2 = -149, 127  # FP32's binades, subnormals included
+
+
+def _binades(x: torch.Tensor) -> torch.Tensor:
+    """Counts of the nonzero finite values of x per binade floor(log2|x|) (frexp: exact), on device."""
+    a = x.abs()
+    keep = (a > 0) & torch.isfinite(a)
+    e = torch.frexp(a[keep])[1].to(torch.int64) - 1 - HIST_MIN_LOG2
+    return torch.bincount(e, minlength=HIST_MAX_LOG2 - HIST_MIN_LOG2 + 1)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -277,6 +294,7 @@ def recipe_operand(
     state._add((key, phase), x, counts)
     if state.record_amax and phase == ("dgrad" if role == "grad_output" else "fwd"):
         state.amax.setdefault(key, []).append(amax.float())
+        state.hists.setdefault(key, []).append(_binades(x))
     return out
 
 
