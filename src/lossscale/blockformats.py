@@ -27,7 +27,7 @@ Conventions here:
   amax = inf, giving a finite byte (247 for E4M3, 240 for E5M2, 253 for E2M1/E2M3, 251 for E3M2), and its
   rceil rule gives byte 254; the block's finite values then come back as 0 and the inf (saturated to the
   element's max, times the huge scale) as inf again. Only NaN gets byte 255 there. NVFP4 follows the same
-  rule here (a block with inf/NaN is NaN); its tensor scale is taken from the finite values.
+  rule here (a block with inf/NaN is NaN); its tensor scale is taken from the other blocks.
 * A scale byte of 0 (e = -127, only for blocks whose amax is below about 2^(emax - 126)) is the value
   2^-127 here, both ways. torchao's floor rule divides by 2^-126 there but multiplies back by 2^-127 (the
   values come back halved), and its rceil rule (after TE's ``exp2f_rcp``) does not scale at all; only blocks
@@ -248,8 +248,9 @@ def block_scales(
     if fmt.scale == "e8m0":
         e, bad = _e8m0_exponent(blocks, fmt.element, scale_mode)
         return torch.where(bad, E8M0_NAN, e + E8M0_BIAS).to(torch.int32), None
-    s_t = _tensor_scale(blocks)
-    s_b, bad = _e4m3_block_scale(blocks, fmt.element, s_t)
+    amax = blocks.abs().amax(-1)
+    s_t = _tensor_scale_from_block_amax(amax)
+    s_b, bad = _e4m3_block_scale(amax, fmt.element, s_t)
     return s_b.masked_fill(bad, math.nan), s_t
 
 
@@ -272,21 +273,23 @@ def _e8m0_exponent(
     return e.clamp(_E8M0_EMIN, _E8M0_EMAX).masked_fill(bad, 0).to(torch.int32), bad
 
 
-def _tensor_scale(blocks: torch.Tensor) -> torch.Tensor:
-    """NVFP4's FP32 per-tensor scale amax / (448 * 6) over the finite values (1 for an all-zero tensor)."""
-    a = blocks.abs()
-    amax = torch.where(torch.isfinite(a), a, 0.0).amax() if a.numel() else a.new_zeros(())
+def _tensor_scale_from_block_amax(block_amax: torch.Tensor) -> torch.Tensor:
+    """NVFP4's FP32 per-tensor scale amax / (448 * 6), amax over the blocks free of inf/NaN (1 for an
+    all-zero tensor)."""
+    amax = torch.where(torch.isfinite(block_amax), block_amax, 0.0).amax() if block_amax.numel() else (
+        block_amax.new_zeros(())
+    )
     s_t = amax / (E4M3.max * E2M1.max)
     return torch.where(s_t > 0, s_t, torch.ones_like(s_t))
 
 
 def _e4m3_block_scale(
-    blocks: torch.Tensor, element: FloatFormat, s_t: torch.Tensor
+    amax: torch.Tensor, element: FloatFormat, s_t: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """NVFP4's E4M3 block scales (as float32) and the mask of blocks holding inf/NaN."""
+    """NVFP4's E4M3 block scales (as float32) from the block amaxes, and the mask of blocks holding
+    inf/NaN."""
     from .quantize import quantize
 
-    amax = blocks.abs().amax(-1)
     bad = ~torch.isfinite(amax)
     # FP32 ops in this order: amax / 6, then / s_t, clamped to [2^-6 (E4M3's min normal), 448], to E4M3.
     s = ((amax / element.max) / s_t).clamp(E4M3.min_normal, E4M3.max)
@@ -297,25 +300,29 @@ def _e4m3_block_scale(
 def _quantize_blocks(
     blocks: torch.Tensor, fmt: BlockFormat, scale_mode: str, s_t: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Elements P (..., blocks, block_size), the dequantizing multiplier per block (..., blocks, 1) and the
-    mask of blocks holding inf/NaN (..., blocks). Dequantized values are ``P * multiplier``."""
+    """Elements P (..., blocks, block_size), the dequantizing multiplier per block (..., blocks, 1; NaN for a
+    block holding inf/NaN, so that ``P * multiplier`` is the dequantized block in one pass) and the mask of
+    those blocks (..., blocks)."""
     from .quantize import quantize
 
+    # Formats without inf/NaN (E2M1, E2M3, E3M2) saturate by themselves: no separate clamp pass.
+    sat = fmt.element.nonfinite != "none"
     if fmt.scale == "e8m0":
         e, bad = _e8m0_exponent(blocks, fmt.element, scale_mode)
-        scale = _pow2(e).unsqueeze(-1)
+        scale = _pow2(e).masked_fill_(bad, math.nan).unsqueeze(-1)
         inv = _pow2(-e).unsqueeze(-1)
         # Multiplying by a power of two is exact (correctly rounded where the result is an FP32 subnormal,
         # the same as dividing); the elements saturate (clamp) as the spec's conversion does.
-        p = quantize(blocks * inv, fmt.element, saturate=True)
+        p = quantize(blocks * inv, fmt.element, saturate=sat)
         return p, scale, bad
+    amax = blocks.abs().amax(-1)
     if s_t is None:
-        s_t = _tensor_scale(blocks)
-    s_b, bad = _e4m3_block_scale(blocks, fmt.element, s_t)
+        s_t = _tensor_scale_from_block_amax(amax)
+    s_b, bad = _e4m3_block_scale(amax, fmt.element, s_t)
     s_b = s_b.unsqueeze(-1)
     recip = (1.0 / s_t) / s_b
-    p = quantize((blocks * recip).clamp(-fmt.element.max, fmt.element.max), fmt.element, saturate=True)
-    return p, s_t * s_b, bad
+    p = quantize(blocks * recip, fmt.element, saturate=sat)
+    return p, (s_t * s_b).masked_fill_(bad.unsqueeze(-1), math.nan), bad
 
 
 def block_quantize(
@@ -337,9 +344,8 @@ def block_quantize(
     if x.numel() == 0:
         return x.clone()
     blocks, n = _blocked(x.float(), d, fmt.block_size)
-    p, mult, bad = _quantize_blocks(blocks, fmt, scale_mode)
-    q = (p * mult).masked_fill_(bad.unsqueeze(-1), math.nan)
-    return _unblocked(q, n, d).to(x.dtype)
+    p, mult, _ = _quantize_blocks(blocks, fmt, scale_mode)
+    return _unblocked(p.mul_(mult), n, d).to(x.dtype)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -411,7 +417,7 @@ def explain_block(
         raise ValueError(f"tensor_amax applies to formats with a tensor scale (nvfp4), not {fmt.name}")
     p, mult, bad_t = _quantize_blocks(blocks, fmt, scale_mode, s_t)
     bad = bool(bad_t.item())
-    results = tuple((p * mult).masked_fill(bad_t.unsqueeze(-1), math.nan).squeeze(0).tolist())
+    results = tuple((p * mult).squeeze(0).tolist())
     scale = math.nan if bad else float(mult.item())
     elements = tuple(math.nan for _ in inputs) if bad else tuple(p.squeeze(0).tolist())
     if fmt.scale == "e8m0":
@@ -420,7 +426,7 @@ def explain_block(
         scaled = tuple(math.nan if bad else v / scale for v in inputs)  # exact: a power of two
     else:
         s_b = scale / tensor_scale if tensor_scale else math.nan
-        s_b_t = _e4m3_block_scale(blocks, fmt.element, s_t)[0] if s_t is not None else None
+        s_b_t = _e4m3_block_scale(blocks.abs().amax(-1), fmt.element, s_t)[0] if s_t is not None else None
         sb = float(s_b_t.item()) if s_b_t is not None else s_b
         scale_bits = "NaN" if bad else f"{_bits_str(E4M3.encode(sb), E4M3)} ({sb!r})"
         recip = (1.0 / s_t) / sb if s_t is not None else None

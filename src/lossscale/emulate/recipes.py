@@ -250,9 +250,8 @@ def recipe_operand(
             BlockFormat(fmt, "e8m0", 32) if recipe.kind == "mx" else BlockFormat(fmt, "e4m3", 16, tensor_scale=True)
         )
         blocks, n = _blocked(x, d, bfmt.block_size)
-        p, mult, bad = _quantize_blocks(blocks, bfmt, recipe.scale_mode)
-        out_b = (p * mult).masked_fill_(bad.unsqueeze(-1), math.nan)
-        out = _unblocked(out_b, n, d)
+        p, mult, _ = _quantize_blocks(blocks, bfmt, recipe.scale_mode)
+        out = _unblocked(p * mult, n, d)
         saturated = torch.count_nonzero(blocks.abs() > _past_max(fmt) * mult)
         amax = x.abs().amax()
     else:
