@@ -203,9 +203,9 @@ def _blocked(x: torch.Tensor, dim: int, block_size: int) -> tuple[torch.Tensor, 
     return moved.reshape(*moved.shape[:-1], -1, block_size), n
 
 
-def _unblocked(b: torch.Tensor, n: int, dim: int) -> torch.Tensor:
-    out = b.reshape(*b.shape[:-2], -1)[..., :n]
-    return out.movedim(-1, dim).contiguous()
+def _unblocked(b: torch.Tensor, n: int, dim: int, contiguous: bool = True) -> torch.Tensor:
+    out = b.reshape(*b.shape[:-2], -1)[..., :n].movedim(-1, dim)
+    return out.contiguous() if contiguous else out
 
 
 def _check(x: torch.Tensor, fmt: BlockFormat, dim: int, scale_mode: str) -> int:

@@ -119,7 +119,7 @@ class Emulator:
         # A scaling recipe (delayed, rowwise, block, MX, NVFP4) quantizes the operands of every GEMM itself,
         # gradients included, so the result sites keep gradients in the output format.
         self.recipe = precision.recipe
-        self.recipe_state = recipe_state if recipe_state is not None else RecipeState()
+        self.recipe_state = recipe_state if recipe_state is not None else RecipeState(count=False)
         if self.recipe is not None:
             self.grad = self.output
             self._one_format = False

@@ -95,14 +95,18 @@ class RecipeState:
     """Per-site state of the scaling recipes (delayed-scaling histories) and their counters.
 
     Pass one to :func:`lossscale.autocast` (``recipe_state=``) and keep it across steps: delayed scaling needs
-    its histories from step to step. ``record_amax=True`` also keeps, per site and role, the amax of every
+    its histories from step to step. ``count=False`` skips the counters (a few element-wise passes per
+    operand; an autocast given no state uses such a one). ``record_amax=True`` also keeps, per site and role, the amax of every
     call (on device, no sync) for :func:`lossscale.recipe_advisor.replay_delayed`.
     """
 
-    def __init__(self, *, record_amax: bool = False) -> None:
+    def __init__(self, *, record_amax: bool = False, count: bool = True) -> None:
         if not isinstance(record_amax, bool):
             raise TypeError(f"record_amax must be a bool, got {type(record_amax).__name__}")
+        if not isinstance(count, bool):
+            raise TypeError(f"count must be a bool, got {type(count).__name__}")
         self.record_amax = record_amax
+        self.count = count
         self.delayed: dict[str, _Delayed] = {}
         self._counts: dict[tuple[str, str], torch.Tensor] = {}
         self._elements: dict[tuple[str, str], int] = {}
@@ -251,7 +255,9 @@ def recipe_operand(
         )
         blocks, n = _blocked(x, d, bfmt.block_size)
         p, mult, _ = _quantize_blocks(blocks, bfmt, recipe.scale_mode)
-        out = _unblocked(p * mult, n, d)
+        out = _unblocked(p.mul_(mult), n, d, contiguous=False)  # a view: the GEMM takes any layout
+        if not (state.count or state.record_amax):
+            return out
         saturated = torch.count_nonzero(blocks.abs() > _past_max(fmt) * mult)
         amax = x.abs().amax()
     else:
@@ -284,6 +290,8 @@ def recipe_operand(
         if not recipe.enabled:
             scale = torch.ones_like(scale)
         out, xs = _scaled(x, fmt, scale, divide=recipe.kind == "rowwise")
+        if not (state.count or state.record_amax):
+            return out
         saturated = torch.count_nonzero((xs.abs() > _past_max(fmt)) & torch.isfinite(x))
     finite = torch.isfinite(x)
     nonzero = torch.count_nonzero(x)
