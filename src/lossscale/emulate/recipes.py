@@ -96,8 +96,9 @@ class RecipeState:
 
     Pass one to :func:`lossscale.autocast` (``recipe_state=``) and keep it across steps: delayed scaling needs
     its histories from step to step. ``count=False`` skips the counters (a few element-wise passes per
-    operand; an autocast given no state uses such a one). ``record_amax=True`` also keeps, per site and role, the amax of every
-    call (on device, no sync) for :func:`lossscale.recipe_advisor.replay_delayed`.
+    operand; an autocast given no state uses such a one). ``record_amax=True`` also keeps, per site and role,
+    the amax and binade histogram of every call (on device, no sync) for the recipe advisor
+    (:func:`lossscale.recipe_advisor.replay_delayed`).
     """
 
     def __init__(self, *, record_amax: bool = False, count: bool = True) -> None:
