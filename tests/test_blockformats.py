@@ -8,6 +8,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import lossscale
 from lossscale import E2M1, E2M3, E3M2, E4M3, E5M2, MXFP4, NVFP4, BlockFormat, quantize
@@ -262,3 +264,17 @@ def test_explain_block_worked_example() -> None:
     assert nan.scale_bits == "255 (NaN)" and all(math.isnan(v) for v in nan.values)
     nv = explain_block([1.0, 0.3, -5.0, 100.0], "nvfp4")
     assert nv.values[3] == 100.0 and nv.scale_bits.startswith("0|1111|110")
+
+
+@settings(max_examples=60)
+@given(
+    st.lists(st.floats(min_value=-(2.0**100), max_value=2.0**100, allow_nan=False, width=32), min_size=1, max_size=70),
+    st.sampled_from(list(MX)),
+    st.sampled_from(MODES),
+)
+def test_mx_quantize_is_idempotent_and_matches_oracle(values: list[float], name: str, mode: str) -> None:
+    x = torch.tensor([values], dtype=torch.float32)
+    fmt = BLOCK_PRESETS[name]
+    q = quantize(x, fmt, scale_mode=mode)
+    _assert_bits(q, _oracle_mx(x, fmt, mode))
+    _assert_bits(quantize(q, fmt, scale_mode=mode), q)
