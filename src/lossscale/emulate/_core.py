@@ -256,6 +256,11 @@ class Emulator:
         op: str = "linear",
         roles: tuple[str, str, str, str] = ("input", "weight", "bias", "output"),
     ) -> torch.Tensor:
+        if self.recipe is not None and x.dim() >= 2 and w.dim() == 2:
+            # A scaling recipe quantizes all three GEMMs (attention's projections come through here).
+            out: torch.Tensor = RecipeGEMM.apply(x, w.t(), b, self._gemm_context(op, "weight"))  # type: ignore[no-untyped-call]
+            self.gemm_done(op)
+            return out
         y = torch.nn.functional.linear(
             self.operand(x, op, roles[0]), self.operand(w, op, roles[1]), self.addend(b, op, roles[2])
         )
