@@ -227,3 +227,22 @@ def test_training_delayed_history_nvfp4_vs_mxfp4_and_negative_control() -> None:
     (nv, _), (mx4, _) = _train("nvfp4"), _train("mxfp4")
     assert nv.underflow_fraction <= mx4.underflow_fraction
     assert mx4.underflow > 0
+
+
+def test_other_ops_fall_back_loudly_and_attention_projections_use_the_recipe() -> None:
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(64, 4, 128, batch_first=True, dropout=0.0)
+    conv = torch.nn.Conv1d(4, 8, 3)
+    x = torch.randn(2, 16, 64, requires_grad=True)  # so that the in-projection has a dgrad GEMM
+    state = RecipeState()
+    with pytest.warns(UserWarning, match="mha operands are quantized along their last dimension"):
+        with lossscale.autocast("mxfp8", recipe_state=state, model=layer):
+            y = layer(x)
+    y.sum().backward()
+    assert torch.isfinite(y).all() and all(torch.isfinite(p.grad).all() for p in layer.parameters())
+    phases = {(k.split(":")[-1], ph) for k, ph in state.read()}
+    # linear1/linear2 and the in/out projections: all three GEMMs quantize (grad_output in dgrad and wgrad).
+    assert {("linear.grad_output", "dgrad"), ("linear.grad_output", "wgrad"), ("mha.weight", "dgrad")} <= phases
+    with pytest.warns(UserWarning, match="conv1d operands"):
+        with lossscale.autocast("nvfp4", recipe_state=RecipeState()):
+            conv(torch.randn(2, 4, 10))

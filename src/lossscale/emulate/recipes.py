@@ -404,22 +404,16 @@ class _RecipeSite(torch.autograd.Function):
         return (grad if ctx.output is None else quantize(grad, ctx.output)), None, None
 
 
-_WARNED: set[tuple[str, str]] = set()
-
-
 def recipe_site(x: torch.Tensor, g: GEMMContext, role: Role) -> torch.Tensor:
     """An operand of a low-precision op the recipe adapter does not cover (convolution, attention, recurrent
     layers, addmm/baddbmm, 1-d matmul): quantized along its last dimension in forward, its gradient rounded to
-    the output format in backward. Warns once per (recipe, op)."""
-    tag = (g.recipe.kind, g.op)
-    if tag not in _WARNED:
-        _WARNED.add(tag)
-        warnings.warn(
-            f"{g.recipe.describe()}: {g.op} operands are quantized along their last dimension in forward only "
-            "(the backward GEMMs reuse them and their gradients stay in the output format); only linear and "
-            "matmul/mm/bmm apply the recipe to all three GEMMs",
-            stacklevel=3,
-        )
+    the output format in backward. Warns (Python's default filter shows it once per recipe and op)."""
+    warnings.warn(
+        f"{g.recipe.describe()}: {g.op} operands are quantized along their last dimension in forward only "
+        "(the backward GEMMs reuse them and their gradients stay in the output format); only linear and "
+        "matmul/mm/bmm apply the recipe to all three GEMMs",
+        stacklevel=3,
+    )
     if torch.is_grad_enabled() and x.requires_grad:
         out: torch.Tensor = _RecipeSite.apply(x, g, role)  # type: ignore[no-untyped-call]
         return out
