@@ -96,6 +96,7 @@ def modes() -> dict[str, Context]:
         "bf16-mixed": lambda: lossscale.autocast("bf16-mixed", emulate=True),
         "fp16-mixed": lambda: lossscale.autocast("fp16-mixed", emulate=True),
         "fp8-hybrid": lambda: lossscale.autocast("fp8-hybrid", emulate=True),
+        "mxfp8": lambda: lossscale.autocast("mxfp8", emulate=True),
         "bf16+counters": lambda: lossscale.autocast("bf16-mixed", emulate=True, counters=counters),
         "native-bf16": lambda: torch.autocast("cpu", dtype=torch.bfloat16),
     }
@@ -163,6 +164,9 @@ def bench(rounds: int, steps: int, quick: bool, stat: str) -> None:
             ratio = paired(mode, "fp32")
             speedup = f"{paired('native-bf16', mode):>10.2f}x" if has_native and mode != "native-bf16" else ""
             print(f"{name:<32} {mode:<14} {t * 1e3:>9.2f} {ratio:>7.2f}x {speedup}")
+        if "mxfp8" in times and "fp8-hybrid" in times:
+            mx = paired("mxfp8", "fp8-hybrid")
+            print(f"  -> target emulated mxfp8 <= 1.3x fp8-hybrid: {mx:.2f}x ({'meets' if mx <= 1.3 else 'misses'})")
         if bound:
             emu = paired("bf16-mixed", "fp32")
             verdict = "meets" if emu <= 1.3 else "misses"

@@ -6,9 +6,11 @@ Prints, for a 16M-element float32 tensor (values spread over the formats' ranges
   1. the default nearest path (impl="auto") / native round trip x.to(dtype).to(float32), per torch format;
   2. the bit-level kernel (impl="bits") / the same native round trip;
   3. custom formats (bit-level only) / the FP16 native round trip (the closest native conversion);
-  4. stochastic rounding / bit-level nearest of the same format.
+  4. stochastic rounding / bit-level nearest of the same format;
+  5. block formats (MX, NVFP4; blocks of 32/16 along the last dim of a (4096, N) view) / lossscale's own
+     E4M3 nearest quantize of the same tensor.
 Each ratio compares medians of interleaved repetitions (the candidates alternate within each repetition, so
-machine noise hits both). Targets (issue 2): 1. <= 1.2x, 3. <= 8x, 4. <= 1.5x.
+machine noise hits both). Targets (issue 2): 1. <= 1.2x, 3. <= 8x, 4. <= 1.5x; (issue 13): 5. <= 2.5x.
 """
 
 from __future__ import annotations
@@ -81,6 +83,12 @@ def main() -> None:
             1.5,
             "bit-level nearest",
         )
+
+    xb = x.reshape(-1, 4096) if args.numel % 4096 == 0 else x.reshape(1, -1)
+    for spec in ("mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e2m3", "mxfp6_e3m2", "mxfp4", "nvfp4"):
+        add(f"{spec} (block)", lambda s=spec: quantize(xb, s), lambda: quantize(xb, "e4m3"), 2.5, "our e4m3 nearest")
+    add("mxfp8_e4m3 rceil (block)", lambda: quantize(xb, "mxfp8", scale_mode="rceil"), lambda: quantize(xb, "e4m3"),
+        2.5, "our e4m3 nearest")
 
     width = max(len(r[0]) for r in rows)
     print(f"{'case'.ljust(width)}  {'ms':>8}  {'base ms':>8}  {'ratio':>6}  target")

@@ -53,3 +53,19 @@ def test_python_dash_m_and_help_examples() -> None:
         [sys.executable, "-m", "lossscale", "formats", "--help"], capture_output=True, text=True, check=True
     ).stdout
     assert "examples:" in out and "lossscale formats --value 1e-8" in out
+
+
+def test_block_formats_listed_and_one_block_explained(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["formats"]) == 0
+    out = capsys.readouterr().out
+    for name in ("mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e2m3", "mxfp6_e3m2", "mxfp4", "nvfp4"):
+        assert f"│   {name} " in out or f"│ {name} " in out or f" {name} │" in out
+    assert main(["formats", "--format", "nvfp4"]) == 0
+    out = capsys.readouterr().out
+    assert "nvfp4" in out and "Number formats" not in out and "4.5" in out
+    assert main(["formats", "--block", "1,0.3,-5,100", "--format", "mxfp4"]) == 0
+    out = capsys.readouterr().out
+    assert "131 (2^4)" in out and "saturated" in out and "-8.0" in out and "96.0" in out
+    assert main(["formats", "--block", "1,2", "--format", "e4m3"]) == 2
+    assert "--block needs block formats" in capsys.readouterr().err
+    assert main(["formats", "--value", "1", "--format", "mxfp4"]) == 2

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from lossscale import BF16, E4M3, E5M2, FP16, FP32, FloatFormat, Precision
+from lossscale import E2M1, BF16, E4M3, E5M2, FP16, FP32, FloatFormat, Precision
 from lossscale.precision import PRECISION_PRESETS
 
 # (name, compute, output, grad, weights, scaling)
@@ -17,6 +17,12 @@ PRESET_TABLE = [
     ("fp16-mixed", FP16, FP16, FP16, FP32, "none"),
     ("fp16-pure", FP16, FP16, FP16, FP16, "none"),
     ("fp8-hybrid", E4M3, BF16, E5M2, FP32, "current"),
+    ("fp8-delayed", E4M3, BF16, E5M2, FP32, "none"),
+    ("fp8-rowwise", E4M3, BF16, E4M3, FP32, "none"),
+    ("fp8-block", E4M3, BF16, E4M3, FP32, "none"),
+    ("mxfp8", E4M3, BF16, E4M3, FP32, "none"),
+    ("mxfp4", E2M1, BF16, E2M1, FP32, "none"),
+    ("nvfp4", E2M1, BF16, E2M1, FP32, "none"),
 ]
 
 

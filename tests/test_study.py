@@ -27,7 +27,12 @@ def test_every_name_parses_and_round_trips() -> None:
         "fp16-mixed:none", "fp16-mixed:static", "fp16-mixed:dynamic", "fp16-mixed:layerwise",
         "bf16-pure:none", "bf16-pure:kahan", "bf16-pure:stochastic",
         "fp8-hybrid:none", "fp8-hybrid:dynamic", "fp8-hybrid:layerwise",
+        "fp8-delayed:none", "fp8-rowwise:none", "mxfp8:none", "mxfp4:none", "nvfp4:none",
     )
+    assert {"fp8-delayed:none", "nvfp4:none"} <= set(C.QUICK_CONFIG_NAMES)
+    assert C.StudyConfig.parse("nvfp4:none").grad_format == "e2m1"
+    with pytest.raises(ValueError, match="valid configurations"):
+        C.StudyConfig.parse("mxfp8:dynamic")
     for name in C.CONFIG_NAMES:
         assert C.StudyConfig.parse(name).name == name
     c = C.StudyConfig.parse("bf16-pure:stochastic")

@@ -5,7 +5,21 @@ Public API, re-exported by hand. See README.md for a tour.
 
 from .formats import BF16, E2M1, E2M3, E3M2, E4M3, E5M2, FP16, FP32, PRESETS, FloatFormat
 from .quantize import RoundingInfo, explain, quantize
+from .blockformats import (
+    BLOCK_PRESETS,
+    MXFP4,
+    MXFP6_E2M3,
+    MXFP6_E3M2,
+    MXFP8_E4M3,
+    MXFP8_E5M2,
+    NVFP4,
+    BlockFormat,
+    BlockInfo,
+    explain_block,
+)
 from .precision import Precision
+from .emulate import RecipeCounts, RecipeState
+from .scaling_recipes import ScalingRecipe
 from .emulate import Autocast, LowPrecisionWeights, RoundingCounters, SiteCounts, autocast, low_precision_weights
 from .scaler import LossScaler, NonFiniteGrad, SkipBudgetExceeded, SkipEvent, SkipWarning
 from .layerwise import LayerSkipEvent, LayerwiseScaler
@@ -30,6 +44,16 @@ __all__ = [
     "E2M3",
     "E3M2",
     "quantize",
+    "BlockFormat",
+    "BlockInfo",
+    "explain_block",
+    "BLOCK_PRESETS",
+    "MXFP8_E4M3",
+    "MXFP8_E5M2",
+    "MXFP6_E2M3",
+    "MXFP6_E3M2",
+    "MXFP4",
+    "NVFP4",
     "LossScaler",
     "SkipEvent",
     "SkipBudgetExceeded",
@@ -47,6 +71,9 @@ __all__ = [
     "explain",
     "RoundingInfo",
     "Precision",
+    "ScalingRecipe",
+    "RecipeState",
+    "RecipeCounts",
     "autocast",
     "Autocast",
     "RoundingCounters",

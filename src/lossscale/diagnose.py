@@ -674,6 +674,8 @@ def diagnose(
     activations: bool = True,
     zero_check: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    recipes: Iterable[str] | None = None,
+    recipe_steps: int = 200,
 ) -> Diagnosis:
     """Train a copy of ``model`` in FP32 for ``steps`` steps, measuring every gradient, and judge each format.
 
@@ -704,6 +706,9 @@ def diagnose(
             key bias) as zeros, not underflow (:mod:`lossscale.noise`; reported as ``numerically_zero``).
             When the model cannot run in FP64 this warns and goes on without it.
         progress: called as ``progress(done, steps)`` after each step.
+        recipes: also run the recipe advisor (:func:`lossscale.recipe_advisor.diagnose_recipes`) for these
+            recipes (e.g. ``["fp8-delayed", "mxfp8", "nvfp4"]``), ``recipe_steps`` steps each; its report's
+            ``to_dict()`` lands in ``meta["recipes"]`` (the batches are materialised once for both).
 
     Example:
         >>> import torch
@@ -733,6 +738,8 @@ def diagnose(
         )
 
     check_not_meta(model)
+    if recipes is not None:
+        batches = list(itertools.islice(iter(batches), max(steps, recipe_steps)))
     reference = copy.deepcopy(model).float().train()
     params = [p for p in reference.parameters() if p.requires_grad]
     if not params:
@@ -785,6 +792,12 @@ def diagnose(
         "device": str(params[0].device),
     }
     per_step = {name: int(m.sum()) for name, m in masks.items()}
+    if recipes is not None:
+        from .recipe_advisor import diagnose_recipes  # the advisor sits beside diagnose; imported on demand
+
+        meta["recipes"] = diagnose_recipes(
+            model, loss_fn, batches, recipes=list(recipes), steps=recipe_steps, optimizer=optimizer
+        ).to_dict()
     return Diagnosis.from_stats(stats, threshold=threshold, meta=meta, numerically_zero=per_step)
 
 

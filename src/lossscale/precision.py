@@ -18,13 +18,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from .formats import BF16, E4M3, E5M2, FP16, FP32, FloatFormat
+from .formats import BF16, E2M1, E4M3, E5M2, FP16, FP32, FloatFormat
+from .scaling_recipes import RECIPE_KINDS, ScalingRecipe
 
 __all__ = ["Precision", "Scaling", "PRECISION_PRESETS"]
 
 Scaling = Literal["none", "current"]
 _SCALINGS: tuple[str, ...] = ("none", "current")
-_KEYS = ("compute", "output", "grad", "weights", "scaling", "ftz")
+_KEYS = ("compute", "output", "grad", "weights", "scaling", "ftz", "recipe")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +61,7 @@ class Precision:
     weights: FloatFormat = FP32
     flush_to_zero: bool = False
     scaling: Scaling = "none"
+    recipe: ScalingRecipe | None = None
 
     def __post_init__(self) -> None:
         for field in ("compute", "weights"):
@@ -79,6 +81,13 @@ class Precision:
             raise TypeError(f"flush_to_zero must be a bool, got {type(self.flush_to_zero).__name__}")
         if self.scaling not in _SCALINGS:
             raise ValueError(f"scaling must be one of {_SCALINGS}, got {self.scaling!r}")
+        if self.recipe is not None:
+            if not isinstance(self.recipe, ScalingRecipe):
+                raise TypeError(f"recipe must be a ScalingRecipe or None, got {type(self.recipe).__name__}")
+            if self.scaling != "none":
+                raise ValueError("recipe and scaling='current' exclude each other: a recipe scales the operands itself")
+            if self.compute == FP32:
+                raise ValueError(f"recipe {self.recipe.kind!r} needs a low-precision compute format, got fp32")
         # Resolve the defaults so that equal recipes compare equal.
         if self.output is None:
             object.__setattr__(self, "output", BF16 if self.compute.bits <= 8 else self.compute)
@@ -134,6 +143,8 @@ class Precision:
             f"scaling={self.scaling}",
             f"ftz={'true' if self.flush_to_zero else 'false'}",
         ]
+        if self.recipe is not None:
+            parts.append(f"recipe={self.recipe.kind}")
         return ",".join(parts)
 
     def __str__(self) -> str:
@@ -150,7 +161,9 @@ class Precision:
         """A recipe from a preset name, a Lightning precision name, a format name or a ``key=value`` list.
 
         Presets: ``"fp32"``, ``"bf16-mixed"``, ``"bf16-pure"``, ``"fp16-mixed"``, ``"fp16-pure"``,
-        ``"fp8-hybrid"``. Lightning aliases: ``"32-true"``/``"32"``, ``"16-mixed"``/``"16"``,
+        ``"fp8-hybrid"``, and the scaling recipes ``"fp8-delayed"``, ``"fp8-rowwise"``, ``"fp8-block"``,
+        ``"mxfp8"``, ``"mxfp4"``, ``"nvfp4"`` (``recipe=delayed|rowwise|block|mx|nvfp4`` in a custom
+        string). Lightning aliases: ``"32-true"``/``"32"``, ``"16-mixed"``/``"16"``,
         ``"bf16-mixed"``/``"bf16"``, ``"16-true"``, ``"bf16-true"``. A bare format name (``"e6m9"``) is mixed
         precision in that format. Custom: ``"compute=e4m3,output=bf16,grad=e5m2,weights=fp32,
         scaling=current,ftz=false"`` (any subset of the keys, any order).
@@ -202,6 +215,10 @@ class Precision:
             if values["ftz"] not in ("true", "false", "1", "0"):
                 raise ValueError(f"precision: ftz must be true or false, got {values['ftz']!r}")
             kwargs["flush_to_zero"] = values["ftz"] in ("true", "1")
+        if "recipe" in values:
+            if values["recipe"] not in RECIPE_KINDS:
+                raise ValueError(f"precision: recipe must be one of {RECIPE_KINDS}, got {values['recipe']!r}")
+            kwargs["recipe"] = _DEFAULT_RECIPES[values["recipe"]]
         return cls(**kwargs)  # type: ignore[arg-type]
 
 
@@ -214,6 +231,25 @@ PRECISION_PRESETS: dict[str, Precision] = {
     # Transformer Engine's HYBRID recipe: E4M3 forward operands with per-tensor current scaling, BF16 GEMM
     # outputs, E5M2 activation gradients without per-tensor scaling.
     "fp8-hybrid": Precision(compute=E4M3, output=BF16, grad=E5M2, scaling="current"),
+    # Transformer Engine's DelayedScaling defaults (history 1024, "max", margin 0, exact scales), HYBRID formats.
+    "fp8-delayed": Precision(compute=E4M3, output=BF16, grad=E5M2, recipe=ScalingRecipe("delayed")),
+    # torchao float8 "rowwise": E4M3 for every operand, power-of-two scales per row of the reduction dim.
+    "fp8-rowwise": Precision(compute=E4M3, output=BF16, grad=E4M3, recipe=ScalingRecipe("rowwise", power_of_two=True)),
+    # DeepSeek-V3: E4M3 everywhere, 1x128 tiles (activations, gradients) and 128x128 blocks (weights).
+    "fp8-block": Precision(compute=E4M3, output=BF16, grad=E4M3, recipe=ScalingRecipe("block")),
+    # OCP MX: torchao's MX training defaults (E4M3 elements for every operand, floor scales).
+    "mxfp8": Precision(compute=E4M3, output=BF16, grad=E4M3, recipe=ScalingRecipe("mx")),
+    "mxfp4": Precision(compute=E2M1, output=BF16, grad=E2M1, recipe=ScalingRecipe("mx")),
+    # NVFP4: 1x16 blocks for every operand, no Hadamard transform, nearest rounding.
+    "nvfp4": Precision(compute=E2M1, output=BF16, grad=E2M1, recipe=ScalingRecipe("nvfp4")),
+}
+
+_DEFAULT_RECIPES: dict[str, ScalingRecipe] = {
+    "delayed": ScalingRecipe("delayed"),
+    "rowwise": ScalingRecipe("rowwise", power_of_two=True),
+    "block": ScalingRecipe("block"),
+    "mx": ScalingRecipe("mx"),
+    "nvfp4": ScalingRecipe("nvfp4"),
 }
 
 # Lightning's precision flags (lightning.pytorch Trainer(precision=...)).

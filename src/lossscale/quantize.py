@@ -34,11 +34,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, Union
 
 import torch
 
 from .formats import FP32, FloatFormat, FormatLike
+
+if TYPE_CHECKING:
+    from .blockformats import BlockFormat
 
 __all__ = ["quantize", "explain", "RoundingInfo", "Rounding", "Impl"]
 
@@ -51,7 +54,9 @@ _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 def quantize(
     x: torch.Tensor,
-    fmt: FormatLike,
+    fmt: Union[FormatLike, BlockFormat],
+    dim: int | None = None,
+    scale_mode: str | None = None,
     *,
     rounding: Rounding = "nearest",
     saturate: bool = False,
@@ -62,7 +67,14 @@ def quantize(
 
     Args:
         x: a float32, float64, bfloat16 or float16 tensor (any shape, including empty and 0-d).
-        fmt: a :class:`FloatFormat`, a format name (``"bf16"``, ``"e4m3"``, ``"e6m9"``) or a torch dtype.
+        fmt: a :class:`FloatFormat`, a format name (``"bf16"``, ``"e4m3"``, ``"e6m9"``) or a torch dtype; or a
+            block format (:class:`~lossscale.BlockFormat` or a name: ``"mxfp8"``, ``"mxfp4"``, ``"nvfp4"``, ...),
+            see :func:`lossscale.blockformats.block_quantize`: blocks along ``dim`` (default -1), a ragged last
+            block is its own shorter block, elements always saturate, a block holding inf/NaN becomes NaN,
+            nearest rounding only, FP32 computation (float64 is refused).
+        dim: block formats only: the dimension the blocks run along (default -1).
+        scale_mode: block formats with E8M0 scales only: ``"floor"`` (default; OCP MX spec) or ``"rceil"``
+            (NVIDIA's hardware rule).
         rounding: ``"nearest"`` (round half to even) or ``"stochastic"`` (rounds up with probability
             equal to the distance from the lower neighbour over the gap, so ``E[q(x)] = x`` inside the
             range; the result is always one of the two neighbours).
@@ -95,6 +107,20 @@ def quantize(
         >>> quantize(torch.tensor([1.0 + 2**-8 + 2**-40], dtype=torch.float64), "bf16").item()
         1.0078125
     """
+    from .blockformats import BlockFormat, block_quantize, is_block_name
+
+    if isinstance(fmt, BlockFormat) or (isinstance(fmt, str) and is_block_name(fmt)):
+        if rounding != "nearest" or generator is not None or impl != "auto":
+            raise ValueError(
+                f"block format {fmt}: only rounding='nearest' with impl='auto' and no generator is supported "
+                f"(got rounding={rounding!r}, impl={impl!r})"
+            )
+        return block_quantize(x, fmt, -1 if dim is None else dim, "floor" if scale_mode is None else scale_mode)  # type: ignore[arg-type]
+    if dim is not None or scale_mode is not None:
+        raise ValueError(
+            f"dim and scale_mode apply to block formats (mxfp8, mxfp4, nvfp4, ...), not to {fmt!s}; "
+            f"got dim={dim!r}, scale_mode={scale_mode!r}"
+        )
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _FLOAT_DTYPES:

@@ -74,6 +74,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                    help="output folder (default ./lossscale-diagnosis)")
     p.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True, help="write PNG figures")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
+    p.add_argument("--recipe", nargs="?", const="default", default=None, metavar="R[,R...]",
+                   help="instead: the FP8/FP4 recipe advisor (fp8-delayed, fp8-rowwise, fp8-block, mxfp8, mxfp4, "
+                   "nvfp4; default all); --steps defaults to 200 then")
     p.set_defaults(func=run)
 
 
@@ -149,6 +152,8 @@ def run(args: argparse.Namespace) -> int:
 
     fmts = _parse_formats(args.formats)
     args.optimizer_factory = _optimizer(args)
+    if args.recipe is not None and args.steps == DEFAULT_STEPS:
+        args.steps = 200  # the recipe advisor's default run length
     if args.steps < 1:
         raise CLIError(f"--steps must be >= 1, got {args.steps}")
     if not 0.0 <= args.threshold < 1.0:
@@ -183,6 +188,10 @@ def run(args: argparse.Namespace) -> int:
         model, loss_fn, batches = _check_triple(got, f"--model {args.model}")
         source = args.model
 
+    if args.recipe is not None:
+        from .recipe_advisor import run_advisor
+
+        return run_advisor(model, loss_fn, batches, args, source)
     try:
         d = _run_with_progress(model, loss_fn, batches, fmts, args)
     except (TypeError, ValueError, RuntimeError) as err:

@@ -17,7 +17,8 @@ examples:
   lossscale study --quick --tasks deep-mlp --configs fp16-mixed:none,fp16-mixed:dynamic
   lossscale study --out study-out --resume         continue an interrupted study
 configurations: fp32; bf16-mixed:none|static|dynamic; fp16-mixed:none|static|dynamic;
-  bf16-pure:none|kahan|stochastic; fp8-hybrid:none|dynamic ("all" = every one, "quick" = the quick set)
+  bf16-pure:none|kahan|stochastic; fp8-hybrid:none|dynamic; fp8-delayed, fp8-rowwise, mxfp8, mxfp4, nvfp4
+  (variant none) ("all" = every one, "quick" = the quick set)
 """
 
 

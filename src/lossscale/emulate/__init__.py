@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .counters import RoundingCounters, SiteCounts
 from .mode import Autocast, autocast
+from .recipes import RecipeCounts, RecipeState
 from .weights import LowPrecisionWeights, low_precision_weights
 
 __all__ = [
@@ -17,4 +18,6 @@ __all__ = [
     "SiteCounts",
     "low_precision_weights",
     "LowPrecisionWeights",
+    "RecipeState",
+    "RecipeCounts",
 ]

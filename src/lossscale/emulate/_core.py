@@ -25,6 +25,7 @@ from ..formats import FP32, FloatFormat
 from ..precision import Precision
 from ..quantize import quantize
 from .counters import RoundingCounters
+from .recipes import GEMMContext, RecipeGEMM, RecipeState, Role, recipe_site
 
 __all__ = ["Emulator", "round_to", "scaled_round"]
 
@@ -102,7 +103,9 @@ class Emulator:
     the function mode), so composite layers do not re-enter the mode.
     """
 
-    def __init__(self, precision: Precision, counters: RoundingCounters | None) -> None:
+    def __init__(
+        self, precision: Precision, counters: RoundingCounters | None, recipe_state: RecipeState | None = None
+    ) -> None:
         self.precision = precision
         self.compute = _none_if_fp32(precision.compute_format)
         self.output = _none_if_fp32(precision.output_format)
@@ -113,6 +116,13 @@ class Emulator:
         # result site rounds the (same-format) gradient anyway.
         self._one_format = self.compute == self.output == self.grad and not self.scaled
         self.counters = counters
+        # A scaling recipe (delayed, rowwise, block, MX, NVFP4) quantizes the operands of every GEMM itself,
+        # gradients included, so the result sites keep gradients in the output format.
+        self.recipe = precision.recipe
+        self.recipe_state = recipe_state if recipe_state is not None else RecipeState(count=False)
+        if self.recipe is not None:
+            self.grad = self.output
+            self._one_format = False
         # Set by autocast when torch.autocast runs this device type natively alongside the emulation (CUDA
         # tensors native, tensors on other devices emulated): ops on it are left to torch.autocast.
         self.native_device_type: str | None = None
@@ -164,6 +174,8 @@ class Emulator:
 
     def operand(self, x: torch.Tensor, op: str, role: str) -> torch.Tensor:
         """A GEMM operand: compute format (with per-tensor scaling) forward, output format backward."""
+        if self.recipe is not None:
+            return recipe_site(x, self._gemm_context(op, "input"), "weight" if role == "weight" else "input")
         return self._cached(
             x, "operand", lambda: self.site(x, op, role, self.compute, self.output, self.scaled)
         )
@@ -183,6 +195,53 @@ class Emulator:
         """A GEMM result: output format forward; the incoming gradient rounded to the grad format."""
         return self.site(y, op, role, self.output, self.grad)
 
+    def _gemm_context(self, op: str, role_b: Role) -> GEMMContext:
+        assert self.recipe is not None  # only called under a recipe
+        site = f"{self.module_stack[-1]}:{op}" if self.module_stack else op
+        output = self.output
+
+        def rounding(y: torch.Tensor, name: str) -> torch.Tensor:
+            return y if output is None else round_to(y, output, name, self.counters)
+
+        return GEMMContext(
+            op, site, role_b, self.recipe, self.precision.compute_format, self.precision.grad_format, output,
+            self.recipe_state, rounding,
+        )
+
+    def recipe_gemm(
+        self, op: str, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> torch.Tensor | None:
+        """Under a scaling recipe: ``F.linear`` or a 2-operand ``matmul``/``mm``/``bmm`` whose three GEMMs
+        (forward, dgrad, wgrad) quantize both operands along their reduction dimensions
+        (:class:`~lossscale.emulate.recipes.RecipeGEMM`); None for shapes it does not cover (the caller then
+        uses the per-operand sites)."""
+        if func is torch.Tensor.__rmatmul__:
+            return None
+        if op == "linear":
+            names = ("input", "weight", "bias")
+            vals = dict(zip(names, args, strict=False))
+            vals.update({k: v for k, v in kwargs.items() if k in names})
+            if set(kwargs) - set(names):
+                return None
+            a, w, bias = vals.get("input"), vals.get("weight"), vals.get("bias")
+            if not isinstance(a, torch.Tensor) or not isinstance(w, torch.Tensor) or a.dim() < 2 or w.dim() != 2:
+                return None
+            b = w.t()
+            role_b: Role = "weight"
+        elif op in ("matmul", "mm", "bmm") and len(args) == 2 and not kwargs:
+            a, b = args
+            bias = None
+            if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.dim() < 2 or b.dim() < 2:
+                return None
+            if b.dim() != 2 and (a.dim() != b.dim() or a.shape[:-2] != b.shape[:-2]):
+                return None
+            role_b = "weight" if (b.is_leaf and b.requires_grad) else "input"
+        else:
+            return None
+        y: torch.Tensor = RecipeGEMM.apply(a, b, bias, self._gemm_context(op, role_b))  # type: ignore[no-untyped-call]
+        self.gemm_done(op)
+        return y
+
     def gemm_done(self, op: str, n: int = 1) -> None:
         if self.counters is not None:
             self.counters.count_gemm(op, n)
@@ -197,6 +256,11 @@ class Emulator:
         op: str = "linear",
         roles: tuple[str, str, str, str] = ("input", "weight", "bias", "output"),
     ) -> torch.Tensor:
+        if self.recipe is not None and x.dim() >= 2 and w.dim() == 2:
+            # A scaling recipe quantizes all three GEMMs (attention's projections come through here).
+            out: torch.Tensor = RecipeGEMM.apply(x, w.t(), b, self._gemm_context(op, "weight"))  # type: ignore[no-untyped-call]
+            self.gemm_done(op)
+            return out
         y = torch.nn.functional.linear(
             self.operand(x, op, roles[0]), self.operand(w, op, roles[1]), self.addend(b, op, roles[2])
         )

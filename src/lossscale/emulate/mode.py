@@ -13,6 +13,7 @@ through, so handlers can call torch ops (and outer modes) without being intercep
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
@@ -26,6 +27,7 @@ from ..precision import Precision
 from . import attention, rnn
 from ._core import Emulator
 from .counters import RoundingCounters
+from .recipes import RecipeState
 
 __all__ = ["autocast", "Autocast"]
 
@@ -49,6 +51,10 @@ def _gemm_handler(op: str, operands: tuple[str, ...], addends: tuple[str, ...] =
     def handle(emu: Emulator, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if "out" in kwargs or not _all_fp32(args, kwargs):
             return func(*args, **kwargs)
+        if emu.recipe is not None:  # a scaling recipe quantizes all three GEMMs itself
+            y = emu.recipe_gemm(op, func, args, kwargs)
+            if y is not None:
+                return y
         new_args = list(args)
         for i, value in enumerate(args[: len(roles)]):
             if isinstance(value, torch.Tensor):
@@ -198,8 +204,18 @@ class Autocast:
         counters: RoundingCounters | None = None,
         device_type: str | None = None,
         model: torch.nn.Module | None = None,
+        recipe_state: RecipeState | None = None,
     ) -> None:
         self.precision = Precision.parse(precision)
+        if recipe_state is not None and not isinstance(recipe_state, RecipeState):
+            raise TypeError(f"recipe_state must be a RecipeState or None, got {type(recipe_state).__name__}")
+        if recipe_state is None and self.precision.recipe is not None and self.precision.recipe.kind == "delayed":
+            warnings.warn(
+                f"{self.precision.name}: delayed scaling without recipe_state= keeps its amax histories for this "
+                "context only; pass one lossscale.RecipeState() to every step's autocast",
+                stacklevel=3,
+            )
+        self.recipe_state = recipe_state
         if emulate is not None and not isinstance(emulate, bool):
             raise TypeError(f"emulate must be a bool or None, got {type(emulate).__name__}")
         if counters is not None and not isinstance(counters, RoundingCounters):
@@ -244,7 +260,7 @@ class Autocast:
             raise RuntimeError("this lossscale.autocast context is already active; create a new one to nest")
         self._depth = 1
         if (self.emulated or self._hybrid) and not self.precision.is_fp32:
-            emu = Emulator(self.precision, self.counters)
+            emu = Emulator(self.precision, self.counters, self.recipe_state)
             self._emulator = emu
             _LOCAL.stack.append(emu)
             if self.model is not None:
@@ -314,6 +330,7 @@ def autocast(
     counters: RoundingCounters | None = None,
     device_type: str | None = None,
     model: torch.nn.Module | None = None,
+    recipe_state: RecipeState | None = None,
 ) -> Autocast:
     """Run the enclosed forward pass in low precision, natively (``torch.autocast``) or emulated.
 
@@ -339,6 +356,9 @@ def autocast(
         device_type: for native mode; default ``"cuda"`` if available, else ``"cpu"``.
         model: name rounding sites after the innermost submodule of ``model`` running (forward hooks,
             removed on exit).
+        recipe_state: for precisions with a scaling recipe (``"fp8-delayed"``, ``"mxfp8"``, ...): the
+            :class:`~lossscale.emulate.recipes.RecipeState` holding delayed-scaling histories and the recipe's
+            per-site counters; pass the same one every step.
 
     Returns an :class:`Autocast` context manager (``__enter__`` returns itself). Entering and leaving do not
     synchronise.
@@ -351,4 +371,6 @@ def autocast(
         >>> y.item()  # x was rounded to BF16 on its way into the GEMM
         1.0
     """
-    return Autocast(precision, emulate=emulate, counters=counters, device_type=device_type, model=model)
+    return Autocast(
+        precision, emulate=emulate, counters=counters, device_type=device_type, model=model, recipe_state=recipe_state
+    )

@@ -12,6 +12,11 @@ name               precision (``lossscale.Precision`` preset)   variant
                                                                 stochastic (no loss scaling)
 ``fp8-hybrid:V``   E4M3 forward (per-tensor current scaling),   loss scaling V of the E5M2 gradients:
                    E5M2 activation gradients, FP32 weights      none / dynamic / layerwise
+``fp8-delayed:none``  TE delayed scaling (E4M3/E5M2)            none (the recipe scales every operand)
+``fp8-rowwise:none``  torchao rowwise float8 (E4M3)              none
+``mxfp8:none``     OCP MXFP8 blocks of 32 (E4M3)                none
+``mxfp4:none``     OCP MXFP4 blocks of 32 (E2M1)                none
+``nvfp4:none``     NVFP4 blocks of 16 (E2M1, E4M3 scales)       none
 =================  ===========================================  =========================================
 
 ``static`` uses a constant power-of-two scale chosen by ``lossscale.diagnose`` on the run's own model and
@@ -41,7 +46,10 @@ __all__ = [
     "Compensation",
 ]
 
-PrecisionName = Literal["fp32", "bf16-mixed", "fp16-mixed", "bf16-pure", "fp8-hybrid"]
+PrecisionName = Literal[
+    "fp32", "bf16-mixed", "fp16-mixed", "bf16-pure", "fp8-hybrid", "fp8-delayed", "fp8-rowwise", "mxfp8", "mxfp4",
+    "nvfp4",
+]
 Scaling = Literal["none", "static", "dynamic", "layerwise"]
 Compensation = Literal["none", "kahan", "stochastic"]
 
@@ -52,6 +60,12 @@ _VARIANTS: dict[str, tuple[str, ...]] = {
     "fp16-mixed": ("none", "static", "dynamic", "layerwise"),
     "bf16-pure": ("none", "kahan", "stochastic"),
     "fp8-hybrid": ("none", "dynamic", "layerwise"),
+    # Scaling recipes (lossscale.scaling_recipes): they scale every GEMM operand themselves.
+    "fp8-delayed": ("none",),
+    "fp8-rowwise": ("none",),
+    "mxfp8": ("none",),
+    "mxfp4": ("none",),
+    "nvfp4": ("none",),
 }
 
 CONFIG_NAMES: tuple[str, ...] = tuple(
@@ -71,9 +85,12 @@ QUICK_CONFIG_NAMES: tuple[str, ...] = (
     "bf16-pure:stochastic",
     "fp8-hybrid:none",
     "fp8-hybrid:dynamic",
+    "fp8-delayed:none",
+    "nvfp4:none",
 )
 """What ``lossscale study --quick`` runs (``bf16-mixed:static`` only in full mode: BF16 needs no scale, so
-the diagnostics' recommendation is 1, the same run as ``bf16-mixed:none``)."""
+the diagnostics' recommendation is 1, the same run as ``bf16-mixed:none``; of the scaling recipes, one FP8
+and one FP4)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +145,8 @@ class StudyConfig:
     def grad_format(self) -> str | None:
         """The format activation gradients are rounded to (None for FP32)."""
         return {"fp32": None, "bf16-mixed": "bf16", "fp16-mixed": "fp16", "bf16-pure": "bf16",
-                "fp8-hybrid": "e5m2"}[self.precision]
+                "fp8-hybrid": "e5m2", "fp8-delayed": "e5m2", "fp8-rowwise": "e4m3", "mxfp8": "e4m3",
+                "mxfp4": "e2m1", "nvfp4": "e2m1"}[self.precision]
 
     @classmethod
     def parse(cls, name: str) -> StudyConfig:

@@ -58,7 +58,8 @@ RUN_SCHEMA: dict[str, Any] = {
     "properties": {
         "task": {"type": "string"},
         "config": {"type": "string", "enum": list(CONFIG_NAMES)},
-        "precision": {"type": "string", "enum": ["fp32", "bf16-mixed", "fp16-mixed", "bf16-pure", "fp8-hybrid"]},
+        "precision": {"type": "string", "enum": ["fp32", "bf16-mixed", "fp16-mixed", "bf16-pure", "fp8-hybrid",
+                                                 "fp8-delayed", "fp8-rowwise", "mxfp8", "mxfp4", "nvfp4"]},
         "scaling": {"type": "string", "enum": ["none", "static", "dynamic"]},
         "compensation": {"type": "string", "enum": ["none", "kahan", "stochastic"]},
         "optimizer": {"type": "string"},

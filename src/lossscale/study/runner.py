@@ -253,7 +253,7 @@ def run_one(spec: RunSpec, *, on_step: Callable[[int, int], None] | None = None)
     library per-step path), but only once per step beyond what the scaler does (to record the loss curve).
     """
     from .. import LayerwiseScaler, LossScaler
-    from ..emulate import RoundingCounters, autocast, low_precision_weights
+    from ..emulate import RecipeState, RoundingCounters, autocast, low_precision_weights
     from ..monitor import GradientMonitor
 
     t0 = time.perf_counter()
@@ -303,7 +303,11 @@ def run_one(spec: RunSpec, *, on_step: Callable[[int, int], None] | None = None)
     # Native torch.autocast where the device has fast kernels for the precision (CUDA BF16/FP16 mixed),
     # emulation elsewhere (every precision on CPU; FP8 and custom recipes everywhere). Native runs have no
     # rounding sites to count.
-    native = config.precision != "fp32" and not autocast(config.precision, device_type=device_type).emulated
+    # Scaling recipes (fp8-delayed, mxfp8, ...) keep per-site state (delayed-scaling histories) across steps.
+    recipe_state = RecipeState()
+    native = config.precision != "fp32" and not autocast(
+        config.precision, device_type=device_type, recipe_state=recipe_state
+    ).emulated
     counters = None if config.precision == "fp32" or native else RoundingCounters()
     every = max(1, steps // 20)
     monitor = GradientMonitor(
@@ -322,12 +326,14 @@ def run_one(spec: RunSpec, *, on_step: Callable[[int, int], None] | None = None)
         # Rounding-site counters cost a few element-wise passes per rounding; count on the monitor's sampled
         # steps only (the fractions are element-weighted over those steps).
         count = counters if step % every == 0 else None
-        return autocast(config.precision, counters=count, emulate=not native, device_type=device_type)
+        return autocast(
+            config.precision, counters=count, emulate=not native, device_type=device_type, recipe_state=recipe_state
+        )
 
     def eval_ctx() -> contextlib.AbstractContextManager[Any]:
         if config.precision == "fp32":
             return contextlib.nullcontext()
-        return autocast(config.precision, emulate=not native, device_type=device_type)
+        return autocast(config.precision, emulate=not native, device_type=device_type, recipe_state=recipe_state)
 
     params = [p for g in opt.param_groups for p in g["params"]]
     clip = task.recipe.clip_norm
