@@ -13,7 +13,7 @@ from .scaling import DynamicScaling, NoScaling, ScalingConfig, ScalingState, Sta
 from .monitor import GradientMonitor
 from .diagnose import Diagnosis, diagnose
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the one version source: pyproject.toml reads it (CHANGELOG.md)
 
 __all__ = [
     "__version__",
