@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
@@ -11,7 +12,7 @@ from torch import Tensor
 from ..formats import FP32, FloatFormat, FormatLike
 from .compensation import Compensation, resolve_compensation, weight_format_of
 
-__all__ = ["Bucket", "bucketize", "GeneratorLike", "generator_for"]
+__all__ = ["Bucket", "bucketize", "GeneratorLike", "generator_for", "split_rows", "bunch", "column"]
 
 GeneratorLike = torch.Generator | Callable[[torch.device], torch.Generator] | None
 
@@ -60,39 +61,42 @@ def generator_for(generator: GeneratorLike, device: torch.device) -> torch.Gener
 
 # Elements per cache block. The compensated updates run 10-20 element-wise passes with temporaries; doing
 # them block by block keeps the temporaries in cache, so only the weights, gradients and states travel to
-# and from memory (one read and one write each). 2^16 elements = 256 KiB per FP32 temporary: the fastest of
-# 2^14..2^20 measured with 1 thread on our CI CPU (2 MiB L2 per core). A multiple of every SIMD width, so
-# blocks keep the alignment of whole tensors and give the same bits (see test_cache_blocks_give_same_bits).
-CHUNK = 1 << 16
+# and from memory (one read and one write each), while each foreach call still takes enough elements that
+# torch's per-call dispatch cost stays small. 2^18 elements = 1 MiB per FP32 temporary: measured with
+# benchmarks/optimizers.py (10M parameters, 2 threads) against 2^16..2^20 (see CHANGELOG for the figures).
+# A multiple of every SIMD width, so blocks keep the alignment of whole tensors and give the same bits
+# (see test_cache_blocks_give_same_bits).
+CHUNK = 1 << 18
 
-Row = list[Tensor | None]
+R = TypeVar("R", bound=NamedTuple)
 
 
-def split_rows(rows: Sequence[Row], chunkable: Sequence[bool], chunk: int | None = None) -> list[tuple[int, Row]]:
-    """Cut each row of same-shaped tensors (a parameter and its state) into flat pieces of <= ``chunk``.
+def split_rows(rows: Sequence[R], chunkable: Sequence[bool], chunk: int | None = None) -> list[tuple[int, R]]:
+    """Cut each row of same-shaped tensors (a parameter and its state, a NamedTuple whose fields are tensors
+    or None) into flat pieces of <= ``chunk`` elements.
 
     Pieces are views (in-place updates reach the originals). Rows with a non-contiguous tensor, or marked
     not ``chunkable``, stay whole. Order: row by row, piece by piece. No sync.
     """
     chunk = CHUNK if chunk is None else chunk
-    out: list[tuple[int, Row]] = []
+    out: list[tuple[int, R]] = []
     for i, row in enumerate(rows):
         tensors = [t for t in row if t is not None]
         n = tensors[0].numel()
         if not chunkable[i] or n <= chunk or not all(t.is_contiguous() for t in tensors):
-            out.append((i, list(row)))
+            out.append((i, row))
             continue
         flat = [None if t is None else t.view(-1) for t in row]
         for start in range(0, n, chunk):
-            out.append((i, [None if t is None else t[start : start + chunk] for t in flat]))
+            out.append((i, row._make([None if t is None else t[start : start + chunk] for t in flat])))
     return out
 
 
-def bunch(pieces: list[tuple[int, Row]], chunk: int | None = None) -> list[list[tuple[int, Row]]]:
+def bunch(pieces: list[tuple[int, R]], chunk: int | None = None) -> list[list[tuple[int, R]]]:
     """Group consecutive pieces into bunches of about ``chunk`` elements, one foreach call each."""
     chunk = CHUNK if chunk is None else chunk
-    out: list[list[tuple[int, Row]]] = []
-    cur: list[tuple[int, Row]] = []
+    out: list[list[tuple[int, R]]] = []
+    cur: list[tuple[int, R]] = []
     size = 0
     for piece in pieces:
         first = next(t for t in piece[1] if t is not None)
@@ -104,3 +108,8 @@ def bunch(pieces: list[tuple[int, Row]], chunk: int | None = None) -> list[list[
     if cur:
         out.append(cur)
     return out
+
+
+def column(group: Sequence[tuple[int, NamedTuple]], field: str) -> list[Tensor]:
+    """The tensors of one field of a bunch's rows, skipping rows where the field is None."""
+    return [t for _, row in group if (t := getattr(row, field)) is not None]

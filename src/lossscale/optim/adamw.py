@@ -20,15 +20,23 @@ states and Kahan take a faster all-BF16 route (:func:`_kahan_bf16`).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from ..formats import BF16, FormatLike
 from ._base import CompensatedOptimizer, check_common, check_number, reject_unsupported
-from ._buckets import Bucket, GeneratorLike, Row, bucketize, bunch, generator_for, split_rows
-from .compensation import as_fp32, begin_update, finish_update_, resolve_compensation, store_rounded_
+from ._buckets import Bucket, GeneratorLike, bucketize, bunch, column, generator_for, split_rows
+from .compensation import (
+    Compensation,
+    as_fp32,
+    begin_update,
+    finish_update_,
+    kahan_add_native_,
+    resolve_compensation,
+    store_rounded_,
+)
 
 __all__ = ["Adam", "AdamW", "adam", "adamw"]
 
@@ -67,7 +75,7 @@ def adamw(
     maximize: bool = False,
     decoupled_weight_decay: bool = True,
     weight_format: FormatLike | None = None,
-    compensation: str | None = None,
+    compensation: Compensation | None = None,
     generator: GeneratorLike = None,
     foreach: bool | None = None,
 ) -> None:
@@ -111,50 +119,33 @@ def adamw(
         raise ValueError(f"amsgrad needs one max_exp_avg_sq per parameter ({n}), got {len(max_exp_avg_sqs)}")
     comps: list[Tensor | None] = [None] * n if kahan_comps is None else list(kahan_comps)
     foreach = True if foreach is None else foreach
+    hyper = _Hyper(lr, beta1, beta2, weight_decay, eps, amsgrad, maximize, decoupled_weight_decay)
     for bucket in bucketize(params, [m.dtype for m in exp_avgs], weight_format, compensation):
         idx = bucket.indices
-        p, g = [params[i] for i in idx], [grads[i] for i in idx]
-        m, v = [exp_avgs[i] for i in idx], [exp_avg_sqs[i] for i in idx]
-        vmax = [max_exp_avg_sqs[i] for i in idx] if amsgrad else []
-        st = [steps[i] for i in idx]
-        kw: dict[str, Any] = dict(
-            lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=amsgrad,
-            maximize=maximize, decoupled=decoupled_weight_decay,
-        )
-        if bucket.torch_exact:
-            (_torch_multi if foreach else _torch_single)(p, g, m, v, vmax, st, **kw)
-            continue
-        c: list[Tensor] | None = None
-        if bucket.compensation == "kahan":
-            c = []
-            for i in idx:
-                ci = comps[i]
-                if ci is None:
-                    raise ValueError("compensation='kahan' needs a Kahan buffer for every parameter")
-                c.append(ci)
-        gen = generator_for(generator, bucket.device) if bucket.compensation == "stochastic" else None
-        rows: list[Row] = [
-            [p[j], g[j], m[j], v[j], vmax[j] if amsgrad else None, None if c is None else c[j]] for j in range(len(p))
+        rows = [
+            _AdamRow(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sqs[i] if amsgrad else None,
+                     comps[i] if bucket.compensation == "kahan" else None)
+            for i in idx
         ]
+        st = [steps[i] for i in idx]
+        if bucket.torch_exact:
+            (_torch_multi if foreach else _torch_single)(rows, st, hyper)
+            continue
+        if bucket.compensation == "kahan" and any(r.kahan_comp is None for r in rows):
+            raise ValueError("compensation='kahan' needs a Kahan buffer for every parameter")
+        gen = generator_for(generator, bucket.device) if bucket.compensation == "stochastic" else None
+        # BF16 weights with BF16 states and Kahan: every operation in BF16 (see _kahan_bf16).
+        all_bf16 = bucket.compensation == "kahan" and bucket.fmt == BF16 and not amsgrad
+        all_bf16 = all_bf16 and rows[0].exp_avg.dtype == torch.bfloat16
         # Cache blocks (see _buckets.CHUNK); the for-loop form takes the same pieces one by one, so both forms
         # draw the same random bits in the same order for stochastic rounding.
         pieces = split_rows(rows, [True] * len(rows))
-        # BF16 weights with BF16 states and Kahan: every operation in BF16 (see _kahan_bf16).
-        bf16_ops = bucket.compensation == "kahan" and bucket.fmt == BF16 and m[0].dtype == torch.bfloat16
-        bf16_ops = bf16_ops and not amsgrad
         for grp in bunch(pieces) if foreach else [[piece] for piece in pieces]:
-            cols = [_present([row[k] for _, row in grp]) for k in range(6)]
-            if bf16_ops:
-                _kahan_bf16(cols[0], cols[1], cols[2], cols[3], [st[j] for j, _ in grp], cols[5], **kw)
-                continue
-            _compensated(
-                cols[0], cols[1], cols[2], cols[3], cols[4], [st[j] for j, _ in grp],
-                cols[5] if c is not None else None, bucket, gen, foreach=foreach, **kw,
-            )
-
-
-def _present(col: list[Tensor | None]) -> list[Tensor]:
-    return [t for t in col if t is not None]
+            gst = [st[j] for j, _ in grp]
+            if all_bf16:
+                _kahan_bf16(grp, gst, hyper)
+            else:
+                _compensated(grp, gst, hyper, bucket, gen, foreach=foreach)
 
 
 def adam(
@@ -172,65 +163,111 @@ def adam(
     adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, kahan_comps, **kwargs)
 
 
+class _AdamRow(NamedTuple):
+    """One parameter and its state (or a cache-sized piece of them: see _buckets.split_rows)."""
+
+    param: Tensor
+    grad: Tensor
+    exp_avg: Tensor
+    exp_avg_sq: Tensor
+    max_exp_avg_sq: Tensor | None  # amsgrad only
+    kahan_comp: Tensor | None  # Kahan only
+
+
+class _Hyper(NamedTuple):
+    lr: float
+    beta1: float
+    beta2: float
+    weight_decay: float
+    eps: float
+    amsgrad: bool
+    maximize: bool
+    decoupled: bool
+
+
+def _moments_(exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], grads: list[Tensor], h: _Hyper) -> None:
+    """The moment update of every path, torch.optim's operations: ``m = lerp(m, g, 1 - beta1)``,
+    ``v = beta2 * v + (1 - beta2) * g * g``, in the dtype of the tensors given. No sync.
+
+    On CPU a foreach call runs the per-tensor op on each tensor, so torch's for-loop form (one tensor per
+    call) gives the same bits through this function.
+    """
+    torch._foreach_lerp_(exp_avgs, grads, 1 - h.beta1)
+    if exp_avg_sqs[0].dtype == torch.float32:
+        torch._foreach_mul_(exp_avg_sqs, h.beta2)
+    else:
+        # torch's CPU _foreach_mul_ rounds a Python scalar to the tensors' dtype before multiplying
+        # (bf16(0.99) = 0.98828125, a 0.17% error in beta2), while Tensor.mul_ multiplies in FP32 and rounds
+        # once (measured on torch 2.13; the other foreach ops used here do not round their scalars).
+        for v in exp_avg_sqs:
+            v.mul_(h.beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - h.beta2)
+
+
+def _step_terms(steps: list[int], h: _Hyper) -> tuple[list[float], list[float]]:
+    """``(scale, eps_term)`` per tensor for the fused update ``u = scale * m / (sqrt(v) + eps_term)``.
+
+    ``-step_size * m / (sqrt(v) / bc2 + eps) = -(step_size * bc2) * m / (sqrt(v) + eps * bc2)``: one pass
+    less than torch's form (the compensated paths; the torch-exact paths keep torch's form). Python floats,
+    from Python-int steps, as torch computes them.
+    """
+    bc2 = [(1 - h.beta2 ** float(s)) ** 0.5 for s in steps]
+    scale = [-(h.lr / (1 - h.beta1 ** float(s))) * b for s, b in zip(steps, bc2, strict=True)]
+    return scale, [h.eps * b for b in bc2]
+
+
 # ------------------------------------------------------------------------------------------------------
 # torch.optim's arithmetic (torch/optim/adam.py, _single_tensor_adam and _multi_tensor_adam with
 # capturable=False), reproduced operation for operation so FP32 results match bit for bit.
 
 
-def _torch_single(
-    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor], steps: list[int], *, lr: float, beta1: float, beta2: float,
-    weight_decay: float, eps: float, amsgrad: bool, maximize: bool, decoupled: bool,
-) -> None:
-    for i, param in enumerate(params):
-        grad = grads[i] if not maximize else -grads[i]
-        exp_avg, exp_avg_sq = exp_avgs[i], exp_avg_sqs[i]
-        if weight_decay != 0:
-            if decoupled:
-                param.mul_(1 - lr * weight_decay)
+def _torch_single(rows: list[_AdamRow], steps: list[int], h: _Hyper) -> None:
+    for row, step_int in zip(rows, steps, strict=True):
+        param = row.param
+        grad = row.grad if not h.maximize else -row.grad
+        if h.weight_decay != 0:
+            if h.decoupled:
+                param.mul_(1 - h.lr * h.weight_decay)
             else:
-                grad = grad.add(param, alpha=weight_decay)
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        step = float(steps[i])  # torch reads its float32 step tensor back as a Python float
-        step_size = lr / (1 - beta1**step)
-        bias_correction2_sqrt = (1 - beta2**step) ** 0.5
-        if amsgrad:
-            torch.maximum(max_exp_avg_sqs[i], exp_avg_sq, out=max_exp_avg_sqs[i])
-            denom = (max_exp_avg_sqs[i].sqrt() / bias_correction2_sqrt).add_(eps)
-        else:
-            denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-        param.addcdiv_(exp_avg, denom, value=-step_size)
+                grad = grad.add(param, alpha=h.weight_decay)
+        _moments_([row.exp_avg], [row.exp_avg_sq], [grad], h)
+        step = float(step_int)  # torch reads its float32 step tensor back as a Python float
+        step_size = h.lr / (1 - h.beta1**step)
+        bias_correction2_sqrt = (1 - h.beta2**step) ** 0.5
+        v = row.exp_avg_sq
+        if row.max_exp_avg_sq is not None:
+            torch.maximum(row.max_exp_avg_sq, v, out=row.max_exp_avg_sq)
+            v = row.max_exp_avg_sq
+        denom = (v.sqrt() / bias_correction2_sqrt).add_(h.eps)
+        param.addcdiv_(row.exp_avg, denom, value=-step_size)
 
 
-def _torch_multi(
-    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor], steps: list[int], *, lr: float, beta1: float, beta2: float,
-    weight_decay: float, eps: float, amsgrad: bool, maximize: bool, decoupled: bool,
-) -> None:
-    if maximize:
+def _torch_multi(rows: list[_AdamRow], steps: list[int], h: _Hyper) -> None:
+    params = [r.param for r in rows]
+    grads = [r.grad for r in rows]
+    exp_avgs, exp_avg_sqs = [r.exp_avg for r in rows], [r.exp_avg_sq for r in rows]
+    if h.maximize:
         grads = list(torch._foreach_neg(grads))
-    if weight_decay != 0:
-        if decoupled:
-            torch._foreach_mul_(params, 1 - lr * weight_decay)
-        elif maximize:
-            torch._foreach_add_(grads, params, alpha=weight_decay)
+    if h.weight_decay != 0:
+        if h.decoupled:
+            torch._foreach_mul_(params, 1 - h.lr * h.weight_decay)
+        elif h.maximize:
+            torch._foreach_add_(grads, params, alpha=h.weight_decay)
         else:
-            grads = list(torch._foreach_add(grads, params, alpha=weight_decay))
-    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+            grads = list(torch._foreach_add(grads, params, alpha=h.weight_decay))
+    _moments_(exp_avgs, exp_avg_sqs, grads, h)
     del grads
     fsteps = [float(s) for s in steps]
-    step_size = [(lr / (1 - beta1**s)) * -1 for s in fsteps]
-    bias_correction2_sqrt = [(1 - beta2**s) ** 0.5 for s in fsteps]
-    if amsgrad:
-        torch._foreach_maximum_(max_exp_avg_sqs, exp_avg_sqs)
-        denom = torch._foreach_sqrt(max_exp_avg_sqs)
+    step_size = [(h.lr / (1 - h.beta1**s)) * -1 for s in fsteps]
+    bias_correction2_sqrt = [(1 - h.beta2**s) ** 0.5 for s in fsteps]
+    if h.amsgrad:
+        vmax = [r.max_exp_avg_sq for r in rows if r.max_exp_avg_sq is not None]
+        torch._foreach_maximum_(vmax, exp_avg_sqs)
+        denom = torch._foreach_sqrt(vmax)
     else:
         denom = torch._foreach_sqrt(exp_avg_sqs)
     torch._foreach_div_(denom, bias_correction2_sqrt)
-    torch._foreach_add_(denom, eps)
+    torch._foreach_add_(denom, h.eps)
     torch._foreach_addcdiv_(params, exp_avgs, denom, step_size)
 
 
@@ -239,46 +276,44 @@ def _torch_multi(
 
 
 def _compensated(
-    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor], steps: list[int], comps: list[Tensor] | None, bucket: Bucket,
-    generator: torch.Generator | None, *, foreach: bool, lr: float, beta1: float, beta2: float,
-    weight_decay: float, eps: float, amsgrad: bool, maximize: bool, decoupled: bool,
+    grp: list[tuple[int, _AdamRow]], steps: list[int], h: _Hyper, bucket: Bucket,
+    generator: torch.Generator | None, *, foreach: bool,
 ) -> None:
     # All arithmetic on FP32 tensors of one dtype (exact upcasts first; torch's CPU kernels for mixed dtypes
     # are an order of magnitude slower than a cast plus a same-dtype op). The caller passes cache-sized
     # pieces, so these temporaries stay in cache. Native and emulated BF16 weights take the same arithmetic.
-    if maximize or (weight_decay != 0 and not decoupled) or grads[0].dtype != torch.float32:
+    params, grads = column(grp, "param"), column(grp, "grad")
+    exp_avgs, exp_avg_sqs = column(grp, "exp_avg"), column(grp, "exp_avg_sq")
+    comps = column(grp, "kahan_comp") if bucket.compensation == "kahan" else None
+    if h.maximize or (h.weight_decay != 0 and not h.decoupled) or grads[0].dtype != torch.float32:
         g = [x.to(torch.float32, copy=True) for x in grads]  # private copy: the caller's grads are not written
-        if maximize:
+        if h.maximize:
             torch._foreach_neg_(g)
-        if weight_decay != 0 and not decoupled:
-            torch._foreach_add_(g, as_fp32(params), alpha=weight_decay)
+        if h.weight_decay != 0 and not h.decoupled:
+            torch._foreach_add_(g, as_fp32(params), alpha=h.weight_decay)
     else:
         g = grads
     low = exp_avgs[0].dtype != torch.float32  # BF16 states: updated in FP32, rounded to nearest once per step
     m = as_fp32(exp_avgs)
     v = as_fp32(exp_avg_sqs)
-    torch._foreach_lerp_(m, g, 1 - beta1)
-    torch._foreach_mul_(v, beta2)
-    torch._foreach_addcmul_(v, g, g, 1 - beta2)
+    _moments_(m, v, g, h)
     del g
-    if amsgrad:
-        vmax = as_fp32(max_exp_avg_sqs)
+    if h.amsgrad:
+        vmax_state = column(grp, "max_exp_avg_sq")
+        vmax = as_fp32(vmax_state)
         torch._foreach_maximum_(vmax, v)
         denom = torch._foreach_sqrt(vmax)
         if low:
-            store_rounded_(max_exp_avg_sqs, vmax, BF16, foreach=foreach)
+            store_rounded_(vmax_state, vmax, BF16, foreach=foreach)
     else:
         denom = torch._foreach_sqrt(v)
     if low:
         store_rounded_(exp_avgs, m, BF16, foreach=foreach)
         store_rounded_(exp_avg_sqs, v, BF16, foreach=foreach)
     del v
-    # u = -step_size * m / (sqrt(v) / bc2 + eps) = -(step_size * bc2) * m / (sqrt(v) + eps * bc2): one pass less.
-    bc2 = [(1 - beta2 ** float(s)) ** 0.5 for s in steps]
-    torch._foreach_add_(denom, [eps * b for b in bc2])
-    scale = [-(lr / (1 - beta1 ** float(s))) * b for s, b in zip(steps, bc2, strict=True)]
-    decay = 1 - lr * weight_decay if decoupled else 1.0
+    scale, eps_term = _step_terms(steps, h)
+    torch._foreach_add_(denom, eps_term)
+    decay = 1 - h.lr * h.weight_decay if h.decoupled else 1.0
     acc = begin_update(params, comps, fmt=bucket.fmt, compensation=bucket.compensation, decay=decay)
     torch._foreach_addcdiv_(acc, m, denom, scale)
     del denom, m
@@ -287,16 +322,13 @@ def _compensated(
     )
 
 
-def _kahan_bf16(
-    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-    steps: list[int], comps: list[Tensor], *, lr: float, beta1: float, beta2: float, weight_decay: float,
-    eps: float, amsgrad: bool, maximize: bool, decoupled: bool,
-) -> None:
+def _kahan_bf16(grp: list[tuple[int, _AdamRow]], steps: list[int], h: _Hyper) -> None:
     """AdamW with Kahan summation where every operation rounds to BF16 (BF16 weights and BF16 states).
 
-    Kahan's textbook form in the weight format (torch-optimi's approach; each BF16 op computes in FP32 and
-    rounds once). Fewer passes than the FP32 path and no FP32 temporaries: the fast path for the 8-bytes-per-
-    parameter configuration::
+    The specialised path of the 8-bytes-per-parameter configuration: no FP32 temporaries and fewer passes
+    than :func:`_compensated` (measured with benchmarks/optimizers.py at 10M parameters, 2 threads: see the
+    CHANGELOG). Kahan's textbook form in the weight format (torch-optimi's approach; each BF16 op computes in
+    FP32 and rounds once), :func:`compensation.kahan_add_native_`::
 
         c = round(c + u)            # u = -step_size * m / (sqrt(v) / bc2 + eps) - lr * wd * w
         s = round(w + c)
@@ -306,31 +338,26 @@ def _kahan_bf16(
     operations and cast back, so they match native BF16 bit for bit; their gradients are rounded to BF16
     first (exact for gradients that hold BF16 values, as a BF16 weight's gradient does). No sync.
     """
+    params, comps = column(grp, "param"), column(grp, "kahan_comp")
+    exp_avgs, exp_avg_sqs = column(grp, "exp_avg"), column(grp, "exp_avg_sq")
     native = params[0].dtype == torch.bfloat16
     p = params if native else [x.to(torch.bfloat16) for x in params]
     c = comps if native else [x.to(torch.bfloat16) for x in comps]
-    g = [x.to(torch.bfloat16) for x in grads]  # the same tensors when already BF16 (never written)
-    if maximize:
+    g = [x.to(torch.bfloat16) for x in column(grp, "grad")]  # the same tensors when already BF16 (never written)
+    if h.maximize:
         g = list(torch._foreach_neg(g))
-    if weight_decay != 0 and not decoupled:
-        g = list(torch._foreach_add(g, p, alpha=weight_decay))
-    torch._foreach_lerp_(exp_avgs, g, 1 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, g, g, 1 - beta2)
+    if h.weight_decay != 0 and not h.decoupled:
+        g = list(torch._foreach_add(g, p, alpha=h.weight_decay))
+    _moments_(exp_avgs, exp_avg_sqs, g, h)
     del g
-    # -step_size * m / (sqrt(v) / bc2 + eps) = -(step_size * bc2) * m / (sqrt(v) + eps * bc2)
-    bc2 = [(1 - beta2 ** float(s)) ** 0.5 for s in steps]
+    scale, eps_term = _step_terms(steps, h)
     denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_add_(denom, [eps * b for b in bc2])
-    scale = [-(lr / (1 - beta1 ** float(s))) * b for s, b in zip(steps, bc2, strict=True)]
+    torch._foreach_add_(denom, eps_term)
     torch._foreach_addcdiv_(c, exp_avgs, denom, scale)  # c = round(c + u)
     del denom
-    if weight_decay != 0 and decoupled:
-        torch._foreach_add_(c, p, alpha=-lr * weight_decay)
-    prev = [x.clone() for x in p]
-    torch._foreach_add_(p, c)  # s = round(w + c)
-    torch._foreach_sub_(prev, p)  # w - s, exact
-    torch._foreach_add_(c, prev)  # c = round(c + (w - s))
+    if h.weight_decay != 0 and h.decoupled:
+        torch._foreach_add_(c, p, alpha=-h.lr * h.weight_decay)
+    kahan_add_native_(p, c)
     if not native:
         for dst, src in zip(params, p, strict=True):
             dst.copy_(src)
@@ -391,7 +418,7 @@ class Adam(CompensatedOptimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
-        compensation: str | None = None,
+        compensation: Compensation | None = None,
         weight_format: FormatLike | None = None,
         state_dtype: torch.dtype | str = torch.float32,
         seed: int | None = None,
@@ -488,7 +515,7 @@ class AdamW(Adam):
         capturable: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
-        compensation: str | None = None,
+        compensation: Compensation | None = None,
         weight_format: FormatLike | None = None,
         state_dtype: torch.dtype | str = torch.float32,
         seed: int | None = None,

@@ -52,6 +52,7 @@ __all__ = [
     "apply_update_",
     "begin_update",
     "finish_update_",
+    "kahan_add_native_",
     "StochasticRoundingRNG",
 ]
 
@@ -200,6 +201,24 @@ def finish_update_(
             p.copy_(quantize(t, fmt, rounding="stochastic", generator=generator))
         return
     store_rounded_(params, acc, fmt, foreach=foreach)
+
+
+def kahan_add_native_(params: list[Tensor], comps: list[Tensor]) -> None:
+    """``w <- w + c`` with Kahan's textbook compensation, every operation in the weights' own dtype.
+
+    ``comps`` already holds ``c + u`` (the buffer plus this step's update, rounded once)::
+
+        s = round(w + c);  c = round(c + (w - s));  w = s
+
+    ``w - s`` is exact (Sterbenz: ``s`` is within a factor 2 of ``w`` when ``|c| <= |w|``), so ``c`` keeps
+    what the rounding of ``s`` dropped up to one rounding of ``c`` itself. The all-low-precision form used by
+    torch-optimi (https://optimi.benjaminwarner.dev/kahan_summation/); :func:`finish_update_` is the FP32-
+    accumulated form. Does not synchronise.
+    """
+    prev = [x.clone() for x in params]
+    torch._foreach_add_(params, comps)  # s = round(w + c)
+    torch._foreach_sub_(prev, params)  # w - s, exact
+    torch._foreach_add_(comps, prev)  # c = round(c + (w - s))
 
 
 def apply_update_(

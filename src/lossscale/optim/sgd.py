@@ -18,15 +18,15 @@ FP32 weights with ``compensation="none"`` and FP32 state take torch.optim's own 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from ..formats import BF16, FormatLike
 from ._base import CompensatedOptimizer, check_common, check_number, parse_state_dtype, reject_unsupported
-from ._buckets import Bucket, GeneratorLike, Row, bucketize, bunch, generator_for, split_rows
-from .compensation import as_fp32, begin_update, finish_update_, resolve_compensation, store_rounded_
+from ._buckets import Bucket, GeneratorLike, bucketize, bunch, column, generator_for, split_rows
+from .compensation import Compensation, as_fp32, begin_update, finish_update_, resolve_compensation, store_rounded_
 
 __all__ = ["SGD", "sgd"]
 
@@ -53,7 +53,7 @@ def sgd(
     nesterov: bool = False,
     maximize: bool = False,
     weight_format: FormatLike | None = None,
-    compensation: str | None = None,
+    compensation: Compensation | None = None,
     state_dtype: torch.dtype | str = torch.float32,
     generator: GeneratorLike = None,
     foreach: bool | None = None,
@@ -101,32 +101,38 @@ def sgd(
         if bucket.torch_exact:
             (_torch_multi if foreach else _torch_single)(p, g, bufs, **kw)
         else:
-            c: list[Tensor] | None = None
-            if bucket.compensation == "kahan":
-                c = []
-                for i in idx:
-                    ci = comps[i]
-                    if ci is None:
-                        raise ValueError("compensation='kahan' needs a Kahan buffer for every parameter")
-                    c.append(ci)
+            if bucket.compensation == "kahan" and any(comps[i] is None for i in idx):
+                raise ValueError("compensation='kahan' needs a Kahan buffer for every parameter")
             gen = generator_for(generator, bucket.device) if bucket.compensation == "stochastic" else None
-            rows: list[Row] = [[p[j], g[j], bufs[j], None if c is None else c[j]] for j in range(len(p))]
+            rows = [
+                _SGDRow(p[j], g[j], bufs[j], comps[i] if bucket.compensation == "kahan" else None)
+                for j, i in enumerate(idx)
+            ]
             # Cache blocks (see _buckets.CHUNK), the same pieces in both forms (same SR draws). A buffer created
             # on this step is created whole, so its row is not cut.
             chunkable = [momentum == 0 or b is not None for b in bufs]
             pieces = split_rows(rows, chunkable)
             for grp in bunch(pieces) if foreach else [[piece] for piece in pieces]:
-                sub_bufs: list[Tensor | None] = [row[2] for _, row in grp]
+                sub_bufs: list[Tensor | None] = [row.momentum_buffer for _, row in grp]
                 _compensated(
-                    [row[0] for _, row in grp], [row[1] for _, row in grp], sub_bufs,  # type: ignore[misc]
-                    None if c is None else [row[3] for _, row in grp], bucket, gen, sdtype,  # type: ignore[misc]
+                    column(grp, "param"), column(grp, "grad"), sub_bufs,
+                    column(grp, "kahan_comp") if bucket.compensation == "kahan" else None, bucket, gen, sdtype,
                     foreach=foreach, **kw,
                 )
                 for (j, row), b in zip(grp, sub_bufs, strict=True):
-                    if row[2] is None and momentum != 0:
+                    if row.momentum_buffer is None and momentum != 0:
                         bufs[j] = b  # a new buffer (whole row)
         for j, i in enumerate(idx):
             momentum_buffer_list[i] = bufs[j]
+
+
+class _SGDRow(NamedTuple):
+    """One parameter and its state (or a cache-sized piece of them: see _buckets.split_rows)."""
+
+    param: Tensor
+    grad: Tensor
+    momentum_buffer: Tensor | None  # None before the first momentum step (or without momentum)
+    kahan_comp: Tensor | None  # Kahan only
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -283,7 +289,7 @@ class SGD(CompensatedOptimizer):
         foreach: bool | None = None,
         differentiable: bool = False,
         fused: bool | None = None,
-        compensation: str | None = None,
+        compensation: Compensation | None = None,
         weight_format: FormatLike | None = None,
         state_dtype: torch.dtype | str = torch.float32,
         seed: int | None = None,
