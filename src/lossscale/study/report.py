@@ -96,6 +96,15 @@ RUN_SCHEMA: dict[str, Any] = {
         "test_size": {"type": "integer", "minimum": 1},
         "loss_curve": {"type": "array", "items": _NUM_OR_NULL},
         "scale_trajectory": {"type": "array", "items": _NUM},
+        # Added by issue 17 (optional, so older files still validate).
+        "eval_every": {"type": "integer", "minimum": 1},
+        "eval_curve": {"type": "array", "items": {"type": "object", "required": ["step"],
+                                                  "properties": {"step": {"type": "integer", "minimum": 1}},
+                                                  "additionalProperties": _NUM_OR_NULL}},
+        "higher_is_better": {"type": "boolean"},
+        "step_seconds": _NUM,
+        "peak_memory_bytes": {"type": ["integer", "null"]},
+        "data_info": {"type": ["object", "null"]},
     },
 }
 
@@ -258,6 +267,7 @@ def summarise(doc: Mapping[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
                 "swamping": _merge_fractions(rs, "swamping_fraction"),
                 "seconds": statistics.fmean([r["seconds"] for r in rs]),
                 "test_size": rs[0].get("test_size"),
+                "higher_is_better": bool(rs[0].get("higher_is_better", True)),
                 "seeds": [r["seed"] for r in rs],
                 "extra": {
                     k: statistics.fmean([r["metrics"][k] for r in rs if r["metrics"].get(k) is not None] or [math.nan])
@@ -279,12 +289,16 @@ def _pct(x: float | None, digits: int = 1) -> str:
 def _fmt_metric(name: str, x: float | None) -> str:
     if x is None or math.isnan(x):
         return "n/a"
+    if name in RELATIVE_TOLERANCE:
+        return f"{x:.3f}"
     return f"{100 * x:.1f}%" if name == "accuracy" else f"{x:.1f}"
 
 
 def _fmt_gap(name: str, x: float | None) -> str:
     if x is None:
         return "n/a"
+    if name in RELATIVE_TOLERANCE:
+        return f"{x:+.3f}"
     return f"{100 * x:+.1f} pt" if name == "accuracy" else f"{x:+.1f}"
 
 
@@ -330,7 +344,8 @@ def summary_rows(doc: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
             m = _fmt_metric(r["metric_name"], r["metric_mean"])
             if len(r["metrics"]) > 1:
                 sd = r["metric_std"] or 0.0
-                m += f" +- {100 * sd:.1f}" if r["metric_name"] == "accuracy" else f" +- {sd:.1f}"
+                m += f" +- {100 * sd:.1f}" if r["metric_name"] == "accuracy" else (
+                    f" +- {sd:.3f}" if r["metric_name"] in RELATIVE_TOLERANCE else f" +- {sd:.1f}")
             if c != "fp32" and r["gap"] is not None:
                 m += f" ({_fmt_gap(r['metric_name'], r['gap'])})"
             if r["diverged"]:
@@ -354,7 +369,8 @@ def task_table(rows: Mapping[str, Mapping[str, Any]]) -> list[list[str]]:
         m = _fmt_metric(name, r["metric_mean"])
         if len(r["metrics"]) > 1:
             sd = r["metric_std"] or 0.0
-            m += f" +- {100 * sd:.1f}" if name == "accuracy" else f" +- {sd:.1f}"
+            m += f" +- {100 * sd:.1f}" if name == "accuracy" else (
+                f" +- {sd:.3f}" if name in RELATIVE_TOLERANCE else f" +- {sd:.1f}")
         extra = {k: v for k, v in r["extra"].items() if k not in (name, "test_loss")}
         if extra:
             m += " (" + ", ".join(f"{k} {_pct(v) if v <= 1 else f'{v:.2f}'}" for k, v in extra.items()) + ")"
@@ -397,6 +413,8 @@ PUBLISHED: dict[str, str] = {
 # Below these gaps (absolute; accuracy as a fraction, BLEU in points) a configuration "matches" FP32 when the
 # run has a single seed; with several seeds, the larger of this and 2 standard deviations.
 MATCH_TOLERANCE: dict[str, float] = {"accuracy": 0.01, "bleu": 2.0}
+# Lower-is-better loss metrics: the floor is this fraction of the compared values (2% of the loss).
+RELATIVE_TOLERANCE: dict[str, float] = {"heldout_loss": 0.02}
 # A final training loss more than this factor above the scaled run's counts as "loss lost to underflow".
 LOSS_RATIO_TOLERANCE = 1.05
 
@@ -406,6 +424,9 @@ def _tol(metric: str, *rows: Mapping[str, Any] | None, test_size: int | None = N
     deviations over seeds, and for accuracy 2 binomial standard errors of the test set (a single seed's
     accuracy on 359 images varies by about 2.5 points at 65%)."""
     base = MATCH_TOLERANCE.get(metric, 0.01)
+    if metric in RELATIVE_TOLERANCE:
+        vals = [abs(float(r["metric_mean"])) for r in rows if r is not None and r["metric_mean"] is not None]
+        base = RELATIVE_TOLERANCE[metric] * (max(vals) if vals else 0.0)
     sds = [float(r["metric_std"]) for r in rows if r is not None and r["metric_std"] is not None]
     tol = max([base] + [2.0 * s for s in sds])
     if metric == "accuracy" and test_size:
@@ -430,11 +451,15 @@ def _same_curves(doc: Mapping[str, Any], task: str, a: str, b: str) -> bool | No
 
 
 def _cmp(task: str, rows: Mapping[str, Mapping[str, Any]], a: str, b: str) -> tuple[float, float] | None:
-    """(metric of a - metric of b, tolerance) or None if either is missing."""
+    """(how much better a is than b, tolerance) or None if either is missing: metric of a - metric of b, with
+    the sign flipped for a lower-is-better metric (a held-out loss), so positive always means a is better."""
     ra, rb = rows.get(a), rows.get(b)
     if ra is None or rb is None or ra["metric_mean"] is None or rb["metric_mean"] is None:
         return None
-    return ra["metric_mean"] - rb["metric_mean"], _tol(ra["metric_name"], ra, rb, test_size=ra.get("test_size"))
+    diff = ra["metric_mean"] - rb["metric_mean"]
+    if not ra.get("higher_is_better", True):
+        diff = -diff
+    return diff, _tol(ra["metric_name"], ra, rb, test_size=ra.get("test_size"))
 
 
 def findings(doc: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -326,6 +326,15 @@ def run_one(spec: RunSpec, *, on_step: Callable[[int, int], None] | None = None)
 
     params = [p for g in opt.param_groups for p in g["params"]]
     clip = task.recipe.clip_norm
+    # The metric every `every` steps (budget/20), for steps-to-target; its time is kept out of step_seconds.
+    eval_curve: list[dict[str, Any]] = []
+    eval_seconds = 0.0
+    point: dict[str, float] = {}
+    is_cuda = torch.device(device).type == "cuda"
+    if is_cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    t_loop = time.perf_counter()
     losses = torch.empty(steps, dtype=torch.float32, device=device)
     scales = torch.empty(steps, dtype=torch.float32, device=device)
     with warnings.catch_warnings():
@@ -356,11 +365,23 @@ def run_one(spec: RunSpec, *, on_step: Callable[[int, int], None] | None = None)
             opt.zero_grad(set_to_none=True)
             monitor.step()
             losses[step] = loss.detach().float()
+            if (step + 1) % every == 0:
+                if is_cuda:
+                    torch.cuda.synchronize(device)
+                te = time.perf_counter()
+                point = inst.evaluate(model, eval_ctx)
+                eval_curve.append({"step": step + 1, **{k: _finite_or_none(float(v)) for k, v in point.items()
+                                                        if k != "test_size"}})
+                eval_seconds += time.perf_counter() - te
             if on_step is not None:
                 on_step(step + 1, steps)
+    if is_cuda:
+        torch.cuda.synchronize(device)
+    loop_seconds = time.perf_counter() - t_loop - eval_seconds
+    peak_memory = int(torch.cuda.max_memory_allocated(device)) if is_cuda else None
     train_seconds = time.perf_counter() - t0
 
-    metrics = inst.evaluate(model, eval_ctx)
+    metrics = point if eval_curve and eval_curve[-1]["step"] == steps else inst.evaluate(model, eval_ctx)
     stats = monitor.read()
     monitor.remove()
     if weights_handle is not None:
@@ -437,7 +458,13 @@ def run_one(spec: RunSpec, *, on_step: Callable[[int, int], None] | None = None)
         "train_seconds": train_seconds,
         "loss_curve": loss_list,
         "scale_trajectory": scale_list,
+        "eval_every": every,
+        "eval_curve": eval_curve,
+        "higher_is_better": task.higher_is_better,
+        "step_seconds": loop_seconds / steps,
+        "peak_memory_bytes": peak_memory,
         "data": inst.data_source,
+        "data_info": inst.data_info,
         "budget": budget.to_dict(),
     }
     return record

@@ -7,6 +7,8 @@ task              data                                        model             
 ``rnn``           sklearn digits read pixel by pixel (64)     LSTM                test accuracy
 ``transformer``   English -> French number names (num2words)  enc-dec Transformer BLEU (+ exact match)
 ``deep-mlp``      sklearn digits, 64 features                 30-layer tanh MLP   test accuracy
+``lm``            Python stdlib docstrings, bytes (lm.py)     GPT-style decoder   held-out loss (lower)
+``lm-lstm``       the same text                               LSTM LM             held-out loss (lower)
 ================  ==========================================  ==================  =====================
 
 Each task has one base optimizer and schedule (:class:`Recipe`) and a budget per mode (``"tiny"`` for tests,
@@ -27,6 +29,7 @@ import torch
 from torch import nn
 
 from . import data as D
+from . import lm as LM
 from .models import DeepMLP, LSTMClassifier, ResNet, Seq2SeqTransformer
 
 __all__ = [
@@ -117,7 +120,8 @@ def lr_multiplier(recipe: Recipe, step: int, total: int) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
-    """A case-study task: its name, metric (higher is better), chance level, recipe and budgets."""
+    """A case-study task: its name, metric, chance level, recipe and budgets. The metric is higher-is-better
+    unless ``higher_is_better`` is False (the language models' held-out loss)."""
 
     name: str
     description: str
@@ -125,6 +129,7 @@ class TaskSpec:
     chance: float
     recipe: Recipe
     budgets: Mapping[str, Budget]
+    higher_is_better: bool = True
 
     def budget(self, mode: str) -> Budget:
         if mode not in self.budgets:
@@ -143,6 +148,7 @@ class TaskInstance:
     batches: Iterator[Batch]
     evaluate: Callable[[nn.Module, Callable[[], ContextManager[Any]]], dict[str, float]]
     data_source: str
+    data_info: dict[str, Any] | None = None
 
 
 # The deep MLP: weights N(0, 1/fan_in) (tanh's edge of chaos, so 30 plain layers still train) and a loss
@@ -199,6 +205,36 @@ TASKS: dict[str, TaskSpec] = {
             "quick": Budget(150, 64, model=_MLP_MODEL),
             "full": Budget(600, 64, model=_MLP_MODEL),
         },
+    ),
+    "lm": TaskSpec(
+        "lm",
+        "GPT-style byte-level decoder (causal attention, tied embeddings) on the Python standard library's "
+        "docstrings",
+        "heldout_loss",
+        math.log(256.0),
+        Recipe("adamw", lr=3e-3, weight_decay=0.01, schedule="cosine", warmup=0.05, clip_norm=1.0),
+        {
+            "tiny": Budget(100, 16, limit=60_000,
+                           model={"d_model": 64, "nhead": 4, "layers": 2, "context": 32, "eval_windows": 64}),
+            "quick": Budget(100, 16, model={"d_model": 64, "nhead": 4, "layers": 2, "context": 64,
+                                           "eval_windows": 64}),
+            "full": Budget(300, 16, model={"d_model": 64, "nhead": 4, "layers": 4, "context": 64,
+                                          "eval_windows": 128}),
+        },
+        higher_is_better=False,
+    ),
+    "lm-lstm": TaskSpec(
+        "lm-lstm",
+        "LSTM byte-level language model (tied embeddings) on the Python standard library's docstrings",
+        "heldout_loss",
+        math.log(256.0),
+        Recipe("adamw", lr=1e-2, weight_decay=0.0, schedule="cosine", warmup=0.05, clip_norm=1.0),
+        {
+            "tiny": Budget(100, 16, limit=60_000, model={"hidden": 64, "context": 32, "eval_windows": 64}),
+            "quick": Budget(100, 16, model={"hidden": 64, "context": 64, "eval_windows": 64}),
+            "full": Budget(300, 16, model={"hidden": 128, "context": 64, "eval_windows": 128}),
+        },
+        higher_is_better=False,
     ),
 }
 TASK_NAMES: tuple[str, ...] = tuple(TASKS)
@@ -329,6 +365,23 @@ def build(name: str, mode: str = "quick", *, seed: int = 0, device: str | torch.
             _classification_stream(d, budget.batch_size, seed, dev),
             _accuracy_eval(d, dev),
             d.source,
+        )
+    if name in ("lm", "lm-lstm"):
+        text = LM.text_data(budget.limit)
+        seq_len = int(m["context"])
+        if name == "lm":
+            model = LM.GPT(d_model=int(m["d_model"]), nhead=int(m["nhead"]), layers=int(m["layers"]),
+                           context=seq_len)
+        else:
+            model = LM.LSTMLanguageModel(hidden=int(m["hidden"]))
+        return TaskInstance(
+            spec,
+            model.to(dev),
+            LM.lm_loss,
+            LM.lm_stream(text.train, seq_len, budget.batch_size, seed, dev),
+            LM.lm_eval(text.heldout, seq_len, int(m["eval_windows"]), dev),
+            text.source,
+            dict(text.info),
         )
     t = D.number_phrases(limit=budget.limit)
     model = Seq2SeqTransformer(
