@@ -361,6 +361,22 @@ TASK_TABLE_HEADER = [
 ]
 
 
+TARGETS_HEADER = ["config", "steps to target (per seed)", "loss at 25%", "50%", "75%", "100%"]
+
+
+def targets_table(rows: Mapping[str, Mapping[str, Any]]) -> list[list[str]]:
+    """Rows of a task's steps-to-target table (:data:`TARGETS_HEADER`), from :func:`targets.run_targets`."""
+    order = {c: i for i, c in enumerate(CONFIG_NAMES)}
+    out = []
+    for cfg in sorted(rows, key=lambda c: order.get(c, 99)):
+        r = rows[cfg]
+        steps = ", ".join("never" if s is None else str(s) for s in r["steps"])
+        out.append([cfg, f"{steps} (of {r['budget']})"] + [
+            "n/a" if v is None else f"{v:.4g}" for v in r["loss_at"].values()
+        ])
+    return out
+
+
 def task_table(rows: Mapping[str, Mapping[str, Any]]) -> list[list[str]]:
     """Rows of one task's table, in :data:`TASK_TABLE_HEADER` order."""
     out = []
@@ -879,6 +895,23 @@ def write_report(doc: Mapping[str, Any], outdir: str | os.PathLike[str]) -> dict
     header, rows = summary_rows(doc)
     table(header, rows)
 
+    from .ledger import LEDGER_HEADER, ledger_rows
+    from .targets import run_targets
+
+    heading(2, "Claims ledger")
+    para(
+        "Each claim of the article this product answers (\"Understanding the Need for Loss Scaling in BF16 Deep "
+        "Networks\") beside what this run measured, with a verdict computed from results.json: supported or "
+        "contradicted when the effect has the claimed or the opposite sign and exceeds both a floor (1 accuracy "
+        "point, 1 BLEU, 2% of the loss, one evaluation interval of steps, 1 point of underflow, 5% of the step "
+        "time) and 2 standard deviations over seeds; inconclusive otherwise; not measured here (with what would "
+        "measure it) when the configuration, sweep or device was not run. Runs that ended bit-identical have an "
+        "exactly zero effect: a claim that scaling changes something is then contradicted. Equivalence claims "
+        "(\"consistent with\", \"comparable\") are supported when the gap stays inside the floor."
+    )
+    table(LEDGER_HEADER, ledger_rows(doc))
+    targets = run_targets(doc)
+
     for task, rows_by_cfg in summ.items():
         if not rows_by_cfg:
             continue
@@ -891,6 +924,14 @@ def write_report(doc: Mapping[str, Any], outdir: str | os.PathLike[str]) -> dict
             f"(chance {detail.get('chance', '?')})."
         )
         table(TASK_TABLE_HEADER, task_table(rows_by_cfg))
+        if targets.get(task):
+            para(
+                "Steps to target: the first evaluation (every budget/20 steps) at which the metric reaches "
+                + ("95% of" if next(iter(targets[task].values()))["higher_is_better"] else "1.05x")
+                + " FP32's final value of the same seed (never: not within the budget); training loss at "
+                "fractions of the budget (mean over the budget/20 steps ending there)."
+            )
+            table(TARGETS_HEADER, targets_table(targets[task]))
         files = _plots(doc, task, outdir)
         image(files["loss"], f"{task}: loss curves per configuration")
         image(files["scale"], f"{task}: loss-scale trajectory, skipped steps marked x")
