@@ -41,11 +41,11 @@ __all__ = [
     "ledger_rows",
 ]
 
-SUPPORTED = "supported"
-CONTRADICTED = "contradicted"
-INCONCLUSIVE = "inconclusive"
-NOT_MEASURED = "not measured here"
 Verdict = Literal["supported", "contradicted", "inconclusive", "not measured here"]
+SUPPORTED: Verdict = "supported"
+CONTRADICTED: Verdict = "contradicted"
+INCONCLUSIVE: Verdict = "inconclusive"
+NOT_MEASURED: Verdict = "not measured here"
 
 # Floors of the metric effects (accuracy as a fraction; BLEU in points; losses relative).
 METRIC_FLOOR: dict[str, float] = {"accuracy": 0.01, "bleu": 1.0}
