@@ -234,3 +234,39 @@ def test_report_has_ledger_and_targets(tmp_path: Any) -> None:
     assert "fewer iterations" in md and "| supported |" in md and "not measured here" in md
     assert "| bf16-mixed:none | 20, 20, 20 (of 20) |" in md
     assert "Claims ledger" in open(os.path.join(tmp_path, "report.html"), encoding="utf-8").read()
+
+
+# ------------------------------------------------------------------------------------------------------
+# Findings whose premise was not run
+
+
+def _findings(runs: list[dict[str, Any]], chance: float = 0.1) -> dict[str, dict[str, Any]]:
+    doc = _doc(runs)
+    doc["config"]["task_details"] = {t: {"chance": chance} for t in doc["config"]["tasks"]}
+    return {f["question"]: f for f in R.findings(doc)}
+
+
+def test_fp8_at_chance_alone_does_not_claim_it_trained() -> None:
+    f = _findings([_rec("mlp", "fp8-hybrid:none", 0, 0.078)])["What does FP8 need?"]
+    assert "trained without loss scaling" not in f["answer"]
+    assert "did not train on mlp" in f["answer"] and "run fp8-hybrid:dynamic" in f["answer"]
+    # With FP32 beside it and FP8 matching it, the claim is made (positive control).
+    f = _findings([_rec("mlp", "fp32", 0, 0.96), _rec("mlp", "fp8-hybrid:none", 0, 0.955)])["What does FP8 need?"]
+    assert "trained without loss scaling on mlp" in f["answer"]
+    # Far below FP32 but above chance: not trained either.
+    f = _findings([_rec("mlp", "fp32", 0, 0.96), _rec("mlp", "fp8-hybrid:none", 0, 0.5)])["What does FP8 need?"]
+    assert "trained without" not in f["answer"] and "did not train on mlp" in f["answer"]
+    # No FP32 run and above chance: says there is nothing to compare with.
+    f = _findings([_rec("mlp", "fp8-hybrid:none", 0, 0.9)])["What does FP8 need?"]
+    assert "trained without" not in f["answer"] and "no FP32 run" in f["answer"]
+
+
+def test_findings_do_not_claim_unrun_comparisons() -> None:
+    got = _findings([_rec("cnn", "fp32", 0, 0.9), _rec("cnn", "bf16-mixed:none", 0, 0.9),
+                     _rec("cnn", "fp16-mixed:none", 0, 0.9), _rec("cnn", "bf16-pure:none", 0, 0.8)])
+    bf16 = got["Does BF16 need loss scaling here?"]["answer"]
+    assert bf16.startswith("Not measured") and "as good as with it" not in bf16
+    fp16 = got["Does FP16 need loss scaling here?"]["answer"]
+    assert "within tolerance" not in fp16 and fp16.startswith("Not compared")
+    pure = got["Does Kahan summation or stochastic rounding close the pure-BF16 gap?"]["answer"]
+    assert "falls short of FP32 on cnn" in pure and "kahan" not in pure and "stochastic" not in pure

@@ -478,6 +478,23 @@ def _cmp(task: str, rows: Mapping[str, Mapping[str, Any]], a: str, b: str) -> tu
     return diff, _tol(ra["metric_name"], ra, rb, test_size=ra.get("test_size"))
 
 
+def _fp8_state(doc: Mapping[str, Any], task: str, rows: Mapping[str, Mapping[str, Any]]) -> str:
+    """Whether ``fp8-hybrid:none`` trained on ``task``: "failed" (diverged, or its metric within tolerance of
+    the task's chance level, or worse than FP32 beyond tolerance), "trained" (within tolerance of FP32, or
+    no worse), "unknown" (no FP32 run and not at chance)."""
+    r = rows["fp8-hybrid:none"]
+    if r["diverged"] or r["metric_mean"] is None:
+        return "failed"
+    chance = (doc["config"].get("task_details", {}).get(task) or {}).get("chance")
+    if chance is not None and r.get("higher_is_better", True):
+        if r["metric_mean"] - float(chance) <= _tol(r["metric_name"], r, test_size=r.get("test_size")):
+            return "failed"
+    c = _cmp(task, rows, "fp8-hybrid:none", "fp32")
+    if c is None:
+        return "unknown"
+    return "failed" if c[0] < -c[1] else "trained"
+
+
 def findings(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Each question answered from the numbers of this run: ``{"question", "answer", "evidence": [...],
     "published", "contradicts": [...]}`` (``contradicts`` lists where the data go against a common belief)."""
@@ -494,9 +511,12 @@ def findings(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
 
     # 1. BF16 and loss scaling.
     ev, contra, needs = [], [], []
+    bf16_compared: list[str] = []
     for task, rows in summ.items():
         if "bf16-mixed:none" not in rows:
             continue
+        if "bf16-mixed:dynamic" in rows or "bf16-mixed:static" in rows:
+            bf16_compared.append(task)
         u = rows["bf16-mixed:none"]["underflow"].get("bf16")
         line = f"{task}: bf16-mixed without scaling {metric_str(task, 'bf16-mixed:none')}"
         for other in ("bf16-mixed:dynamic", "bf16-mixed:static"):
@@ -513,9 +533,10 @@ def findings(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
             line += f", FP32 {metric_str(task, 'fp32')}"
         line += f"; BF16 activation-gradient underflow {_pct(u, 3)}"
         ev.append(line)
-    if ev:
+    if ev and bf16_compared:
         answer = (
-            "No: BF16 without loss scaling is as good as with it on every task here."
+            "No: BF16 without loss scaling is as good as with it on every task here"
+            + ("." if len(bf16_compared) == len(ev) else f" where both were run ({', '.join(bf16_compared)}).")
             if not needs
             else f"Yes on {', '.join(needs)}: scaling improved the BF16 result there."
         )
@@ -559,6 +580,10 @@ def findings(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
             c = _cmp(task, rows, other, "fp16-mixed:none")
             if c is not None and c[0] < -c[1]:
                 hurt.append(f"{other.split(':')[1]} scaling on {task} ({_fmt_gap(r['metric_name'], c[0])})")
+        if "fp16-mixed:static" not in rows and "fp16-mixed:dynamic" not in rows:
+            if r["diverged"]:
+                needs.append(task)
+            continue  # nothing to compare with: no claim either way
         if r["diverged"] or (best is not None and best[0] > best[1]):
             needs.append(task)
         elif loss_ratio is not None and loss_ratio > LOSS_RATIO_TOLERANCE and (u or 0.0) > 0.01:
@@ -576,9 +601,11 @@ def findings(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
             )
         if fine:
             parts.append(f"not on {', '.join(fine)} (FP16 without scaling is within tolerance there)")
+        if not parts:
+            parts.append("not compared: no fp16-mixed:static or fp16-mixed:dynamic run beside fp16-mixed:none")
         answer = "; ".join(parts)
         answer = answer[0].upper() + answer[1:] + "."
-        if not needs and not loses_loss:
+        if not needs and not loses_loss and fine:
             answer = "No task here needed it; " + answer[0].lower() + answer[1:]
         if fine or loses_loss:
             contra.append(
@@ -669,7 +696,10 @@ def findings(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
             )
         else:
             bits = [f"pure BF16 with nearest rounding falls short of FP32 on {', '.join(gap_tasks)}"]
+            ran = {c for rows in summ.values() for c in ("kahan", "stochastic") if f"bf16-pure:{c}" in rows}
             for comp, ts in closed.items():
+                if comp not in ran:
+                    continue
                 bits.append(f"{comp} closes it on {', '.join(ts) if ts else 'none of them'}")
             answer = "; ".join(bits)
             answer = answer[0].upper() + answer[1:] + "."
@@ -681,10 +711,15 @@ def findings(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
 
     # 5. FP8.
     ev, contra, needs = [], [], []
+    fp8_trained: list[str] = []
+    fp8_failed: list[str] = []
+    fp8_unknown: list[str] = []
     for task, rows in summ.items():
         if "fp8-hybrid:none" not in rows:
             continue
         r = rows["fp8-hybrid:none"]
+        state = _fp8_state(doc, task, rows)
+        {"trained": fp8_trained, "failed": fp8_failed, "unknown": fp8_unknown}[state].append(task)
         line = (
             f"{task}: fp8-hybrid without scaling {metric_str(task, 'fp8-hybrid:none')}"
             f"{' (diverged)' if r['diverged'] else ''}, E5M2 gradient underflow {_pct(r['underflow'].get('e5m2'), 2)}"
@@ -705,11 +740,24 @@ def findings(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
                 line += f"; best FP8 gap to FP32 {_fmt_gap(r['metric_name'], c[0])}"
         ev.append(line)
     if ev:
-        answer = (
-            f"E5M2 gradients needed loss scaling on {', '.join(needs)}"
-            if needs
-            else "On these tasks FP8 (E4M3 forward with per-tensor current scaling) trained without loss scaling"
-        ) + (
+        parts = []
+        if needs:
+            parts.append(f"E5M2 gradients needed loss scaling on {', '.join(needs)}")
+        failed_alone = [t for t in fp8_failed if t not in needs]
+        if failed_alone:
+            parts.append(
+                f"FP8 without loss scaling did not train on {', '.join(failed_alone)} (at chance, diverged or far "
+                "below FP32); whether scaling recovers it was not measured there: run fp8-hybrid:dynamic"
+                if not any("fp8-hybrid:dynamic" in summ[t] for t in failed_alone)
+                else f"FP8 without loss scaling did not train on {', '.join(failed_alone)}"
+            )
+        trained = [t for t in fp8_trained if t not in needs]
+        if trained:
+            parts.append(f"FP8 (E4M3 forward with per-tensor current scaling) trained without loss scaling on "
+                         f"{', '.join(trained)} (within tolerance of FP32)")
+        if fp8_unknown:
+            parts.append(f"on {', '.join(fp8_unknown)} there is no FP32 run to compare with: run fp32")
+        answer = "; ".join(parts) + (
             "; every FP8 run here used per-tensor current scaling of the E4M3 forward operands (not varied: "
             "without it typical weights fall into E4M3's subnormals)."
         )
