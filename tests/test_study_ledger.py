@@ -270,3 +270,14 @@ def test_findings_do_not_claim_unrun_comparisons() -> None:
     assert "within tolerance" not in fp16 and fp16.startswith("Not compared")
     pure = got["Does Kahan summation or stochastic rounding close the pure-BF16 gap?"]["answer"]
     assert "falls short of FP32 on cnn" in pure and "kahan" not in pure and "stochastic" not in pure
+
+
+def test_speed_table_only_for_cuda_runs() -> None:
+    cpu = _three("cnn", "fp32", (0.9,) * 3, step_seconds=0.01)
+    assert R.speed_table(_doc(cpu), "cnn") == []
+    gpu: dict[str, Any] = {"device": "cuda", "peak_memory_bytes": 3 * 2**20}
+    runs = _three("cnn", "fp32", (0.9,) * 3, step_seconds=0.010, **gpu) + _three(
+        "cnn", "bf16-mixed:dynamic", (0.9,) * 3, step_seconds=0.005, native=True, **gpu)
+    assert R.speed_table(_doc(runs), "cnn") == [
+        ["fp32", "no", "10.00", "1.00x speed", "3.0"], ["bf16-mixed:dynamic", "yes", "5.00", "2.00x speed", "3.0"],
+    ]

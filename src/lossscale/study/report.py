@@ -138,6 +138,12 @@ RESULTS_SCHEMA: dict[str, Any] = {
                            "threads_per_run": {"type": "integer"}},
         },
         "runs": {"type": "array", "items": RUN_SCHEMA},
+        # lossscale study --sweep NAME: {name: {"override", "values", "mode", "runs": [run records with
+        # "sweep_value"]}} (issue 17; optional).
+        "sweeps": {"type": "object", "additionalProperties": {
+            "type": "object", "required": ["runs"],
+            "properties": {"runs": {"type": "array", "items": RUN_SCHEMA}},
+        }},
     },
 }
 
@@ -359,6 +365,28 @@ TASK_TABLE_HEADER = [
     "config", "metric (mean +- std)", "gap to FP32", "final loss", "skipped steps", "final scale",
     "underflow", "swamping (bf16)", "time (s)",
 ]
+
+
+SPEED_HEADER = ["config", "native", "step time (ms)", "vs FP32", "peak memory (MiB)"]
+
+
+def speed_table(doc: Mapping[str, Any], task: str) -> list[list[str]]:
+    """Step time and peak memory per configuration of ``task`` (CUDA runs only: empty without them)."""
+    runs = [r for r in doc["runs"] if r["task"] == task and r.get("peak_memory_bytes") is not None
+            and r.get("step_seconds")]
+    if not runs:
+        return []
+    order = {c: i for i, c in enumerate(CONFIG_NAMES)}
+    mean_t = {c: statistics.fmean(float(r["step_seconds"]) for r in runs if r["config"] == c)
+              for c in {r["config"] for r in runs}}
+    out = []
+    for cfg in sorted(mean_t, key=lambda c: order.get(c, 99)):
+        rs = [r for r in runs if r["config"] == cfg]
+        mem = statistics.fmean(float(r["peak_memory_bytes"]) for r in rs) / 2**20
+        rel = f"{mean_t['fp32'] / mean_t[cfg]:.2f}x speed" if "fp32" in mean_t else "-"
+        out.append([cfg, "yes" if all(r.get("native") for r in rs) else "no", f"{1e3 * mean_t[cfg]:.2f}", rel,
+                    f"{mem:.1f}"])
+    return out
 
 
 TARGETS_HEADER = ["config", "steps to target (per seed)", "loss at 25%", "50%", "75%", "100%"]
@@ -980,10 +1008,36 @@ def write_report(doc: Mapping[str, Any], outdir: str | os.PathLike[str]) -> dict
                 "fractions of the budget (mean over the budget/20 steps ending there)."
             )
             table(TARGETS_HEADER, targets_table(targets[task]))
+        speed = speed_table(doc, task)
+        if speed:
+            para("Speed and memory on the GPU: mean training step time (evaluations excluded) and peak allocated "
+                 "memory (torch.cuda.max_memory_allocated) per configuration; native: torch.autocast kernels, "
+                 "else emulated (FP32 arithmetic with rounding: slower than FP32 by construction).")
+            table(SPEED_HEADER, speed)
         files = _plots(doc, task, outdir)
         image(files["loss"], f"{task}: loss curves per configuration")
         image(files["scale"], f"{task}: loss-scale trajectory, skipped steps marked x")
         image(files["hist"], f"{task}: FP32 activation-gradient exponents against the BF16, FP16 and E5M2 windows")
+
+    sweeps = doc.get("sweeps") or {}
+    if sweeps:
+        from .sweeps import SWEEP_TABLE_HEADER, SWEEPS, sweep_plot, sweep_table
+
+        heading(2, "Sweeps")
+        for name, sw in sweeps.items():
+            if not sw.get("runs"):
+                continue
+            heading(3, f"Sweep `{name}`")
+            spec = SWEEPS.get(name)
+            secs = sum(float(r["seconds"]) for r in sw["runs"])
+            para(
+                (spec.question + " " if spec else "")
+                + f"{len(sw['runs'])} runs ({sw.get('mode', '?')} budgets), {secs / 60:.1f} CPU-minutes of runs. "
+                "Underflow: activation gradients rounded to zero in the run's gradient format (FP32 runs: what "
+                "would underflow in BF16 and FP16 at scale 1)."
+            )
+            table(SWEEP_TABLE_HEADER, sweep_table(sw["runs"], _fmt_metric))
+            image(sweep_plot(name, sw["runs"], outdir), f"sweep {name}: metric and underflow against {name}")
 
     heading(2, "Findings")
     para(
