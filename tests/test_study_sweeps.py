@@ -97,6 +97,6 @@ def test_label_noise_and_batch_sweeps_tiny_cli(tmp_path: pytest.TempPathFactory)
     assert rows["noisy-data"]["verdict"] != L.NOT_MEASURED and rows["batch"]["verdict"] != L.NOT_MEASURED
     # Resuming the sweep runs nothing again.
     n = len(ln)
-    assert _main(["--sweep", "label-noise", *base]) == 0
+    assert _main(["--sweep", "label-noise", "--configs", "bf16-mixed:none,bf16-mixed:dynamic", *base]) == 0
     with open(os.path.join(out, "results.json")) as fh:
         assert len(json.load(fh)["sweeps"]["label-noise"]["runs"]) == n
