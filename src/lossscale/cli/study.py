@@ -16,6 +16,8 @@ examples:
   lossscale study                                  full mode: every configuration, 3 seeds (about 2 h on 2 cores)
   lossscale study --quick --tasks deep-mlp --configs fp16-mixed:none,fp16-mixed:dynamic
   lossscale study --out study-out --resume         continue an interrupted study
+  lossscale study --sweep batch --out study-out    a sweep (seq-len, batch, label-noise), added to the study
+  lossscale study --device cuda --quick            native BF16/FP16 on a GPU: step time and peak memory
 configurations: fp32; bf16-mixed:none|static|dynamic; fp16-mixed:none|static|dynamic;
   bf16-pure:none|kahan|stochastic; fp8-hybrid:none|dynamic ("all" = every one, "quick" = the quick set)
 """
@@ -38,7 +40,7 @@ def register(subparsers: Any) -> None:
     mode.add_argument("--full", action="store_const", const="full", dest="mode",
                       help="larger budgets, every configuration, 3 seeds (the default)")
     mode.add_argument("--tiny", action="store_const", const="tiny", dest="mode", help=argparse.SUPPRESS)
-    p.add_argument("--tasks", default=None, help="comma-separated tasks (default: cnn,rnn,transformer,deep-mlp)")
+    p.add_argument("--tasks", default=None, help="comma-separated tasks (default: cnn,rnn,transformer,deep-mlp,lm,lm-lstm)")
     p.add_argument("--configs", default=None,
                    help="comma-separated PRECISION:VARIANT names, 'all' or 'quick' (default: by mode)")
     p.add_argument("--seeds", default=None,
