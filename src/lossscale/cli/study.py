@@ -40,7 +40,8 @@ def register(subparsers: Any) -> None:
     mode.add_argument("--full", action="store_const", const="full", dest="mode",
                       help="larger budgets, every configuration, 3 seeds (the default)")
     mode.add_argument("--tiny", action="store_const", const="tiny", dest="mode", help=argparse.SUPPRESS)
-    p.add_argument("--tasks", default=None, help="comma-separated tasks (default: cnn,rnn,transformer,deep-mlp,lm,lm-lstm)")
+    p.add_argument("--tasks", default=None,
+                   help="comma-separated tasks (default: cnn,rnn,transformer,deep-mlp,lm,lm-lstm)")
     p.add_argument("--configs", default=None,
                    help="comma-separated PRECISION:VARIANT names, 'all' or 'quick' (default: by mode)")
     p.add_argument("--seeds", default=None,

@@ -187,7 +187,8 @@ def _compare_metric(doc: Mapping[str, Any], claim: str, task: str, a: str, b: st
     same = _identical(ra, rb)
     measured = (
         f"{name}: {a} {_fmt(name, mean_a)} vs {b} {_fmt(name, mean_b)} ({_fmt_diff(name, mean_a - mean_b)}; "
-        f"threshold {_fmt_diff(name, max(floor, 2 * sd)).lstrip('+')}; {len(ra)} seed(s))" + (" (bit-identical)" if same else "")
+        f"threshold {_fmt_diff(name, max(floor, 2 * sd)).lstrip('+')}; {len(ra)} seed(s))"
+        + (" (bit-identical)" if same else "")
     )
     v = equivalence_verdict(effect, sd, floor) if equivalence else verdict(effect, sd, floor, identical=same)
     return _row(claim, task, measured, v)
