@@ -281,3 +281,11 @@ def test_speed_table_only_for_cuda_runs() -> None:
     assert R.speed_table(_doc(runs), "cnn") == [
         ["fp32", "no", "10.00", "1.00x speed", "3.0"], ["bf16-mixed:dynamic", "yes", "5.00", "2.00x speed", "3.0"],
     ]
+
+
+def test_ledger_summary_groups_tasks_by_verdict() -> None:
+    none = _three("cnn", "bf16-mixed:none", (0.9,) * 3) + _three("rnn", "bf16-mixed:none", (0.9,) * 3)
+    dyn = [dict(r, config="bf16-mixed:dynamic", scaling="dynamic") for r in none]  # bit-identical
+    rows = {q: v for q, v in L.ledger_summary(_doc(none + dyn))}
+    assert rows[L.CLAIMS["generalize"]] == "contradicted (cnn, rnn)"
+    assert rows[L.CLAIMS["noisy-data"]] == "not measured here (cnn)"

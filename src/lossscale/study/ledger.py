@@ -39,6 +39,7 @@ __all__ = [
     "ledger",
     "LEDGER_HEADER",
     "ledger_rows",
+    "ledger_summary",
 ]
 
 Verdict = Literal["supported", "contradicted", "inconclusive", "not measured here"]
@@ -372,3 +373,15 @@ def ledger_rows(doc: Mapping[str, Any]) -> list[list[str]]:
             continue
         rows.append([r["quote"], r["task"], r["measured"] if r["measured"] != "not run" else "-", v])
     return rows
+
+
+def ledger_summary(doc: Mapping[str, Any]) -> list[list[str]]:
+    """One row per claim (README's condensed ledger): the quote and its verdicts with the tasks of each,
+    e.g. ``["...", "contradicted (cnn, rnn); not measured here (lm-lstm)"]``."""
+    by: dict[str, dict[str, list[str]]] = {}
+    for r in ledger(doc):
+        by.setdefault(r["claim"], {}).setdefault(r["verdict"], []).append(r["task"])
+    return [
+        [CLAIMS[c], "; ".join(f"{v} ({', '.join(dict.fromkeys(ts))})" for v, ts in vs.items())]
+        for c, vs in by.items()
+    ]
