@@ -240,7 +240,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
     from ..study import configs as C
 
     try:
-        configs = [c.name for c in C.parse_configs(args.configs)] if args.configs else list(SW.SWEEP_CONFIGS)
+        configs = [c.name for c in C.parse_configs(args.configs)] if args.configs else list(sweep.configs)
     except ValueError as err:
         raise CLIError(str(err)) from None
     tasks = sweep.tasks if args.tasks is None else tuple(t.strip() for t in args.tasks.split(",") if t.strip())

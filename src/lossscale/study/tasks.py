@@ -335,10 +335,11 @@ def _translation_eval(
     return evaluate
 
 
-# What a sweep may change, and on which tasks: the batch size (every task), the sequence length (the RNN
-# tasks: rnn reads the digits upsampled to side x side pixels, lm-lstm trains on windows of that many bytes),
-# and the fraction of training labels replaced by a different random class (the classification tasks).
+# What a sweep may change, and on which tasks: the step count and the batch size (every task), the sequence
+# length (the RNN tasks: rnn reads the digits upsampled to side x side pixels, lm-lstm trains on windows of
+# that many bytes), and the fraction of training labels replaced by a different random class (the classification tasks).
 OVERRIDES: dict[str, tuple[str, ...]] = {
+    "steps": TASK_NAMES,
     "batch_size": TASK_NAMES,
     "seq_len": ("rnn", "lm-lstm"),
     "label_noise": ("cnn", "rnn", "deep-mlp"),
@@ -353,7 +354,9 @@ def budget_for(name: str, mode: str, overrides: Mapping[str, Any] | None = None)
             raise ValueError(f"unknown override {key!r}; valid overrides: {', '.join(OVERRIDES)}")
         if name not in OVERRIDES[key]:
             raise ValueError(f"override {key!r} applies to tasks {', '.join(OVERRIDES[key])}, not {name!r}")
-        if key == "batch_size":
+        if key == "steps":
+            budget = dataclasses.replace(budget, steps=int(value))
+        elif key == "batch_size":
             budget = dataclasses.replace(budget, batch_size=int(value))
         elif key == "seq_len":
             n = int(value)
