@@ -105,8 +105,8 @@ def test_label_noise_and_batch_sweeps_tiny_cli(tmp_path: pytest.TempPathFactory)
 def test_plans() -> None:
     specs = SW.plan_sweep("seq-len", [0], mode="quick", device="cpu")
     assert len(specs) == 3 * 2 * 4 and {s.config for s in specs} == set(SW.SWEEPS["seq-len"].configs)
-    assert all(dict(s.overrides)["steps"] == 20 for s in specs)
-    assert TK.budget_for("rnn", "quick", dict(specs[-1].overrides)).steps == 20
+    assert all(dict(s.overrides)["steps"] == 4 and dict(s.overrides)["batch_size"] == 16 for s in specs)
+    assert TK.budget_for("rnn", "quick", dict(specs[-1].overrides)).steps == 4
     assert dict(specs[-1].overrides)["seq_len"] == 1024
     batch = SW.plan_sweep("batch", [0, 1], mode="quick", device="cpu", configs=["fp32"])
     assert [dict(s.overrides) for s in batch] == [{"batch_size": b} for b in (16, 64, 256, 1024) for _ in (0, 1)]
