@@ -51,9 +51,9 @@ class Sweep:
 
 
 SWEEPS: dict[str, Sweep] = {
-    # The emulated LSTM's cost grows faster than the sequence length when only the last output is used (rnn,
-    # measured on a shared 2-core machine at batch 64: 0.44 s per FP16 step at 64 steps, 5.4 s at 256, 207 s
-    # at 1024): the sweep measures underflow (every step sampled) over a fixed 4 steps of batch 16.
+    # The emulated LSTMs are slow at 1024 steps (measured on a shared 2-core machine: one FP16-emulated step of
+    # batch 16 took 2.8 s for rnn; one of batch 64 took 207 s under heavy load): the sweep measures underflow
+    # (every step sampled) over a fixed 4 steps of batch 16.
     "seq-len": Sweep("seq-len", "seq_len", ("rnn", "lm-lstm"), (64, 256, 1024),
                      "Does FP16 underflow grow with sequence length; does BF16 ever underflow? (4 steps of batch 16 "
                      "per run: underflow, not the metric, is the measure here.)",
