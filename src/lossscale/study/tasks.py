@@ -220,7 +220,7 @@ TASKS: dict[str, TaskSpec] = {
                            model={"d_model": 64, "nhead": 4, "layers": 2, "context": 32, "eval_windows": 64}),
             "quick": Budget(100, 16, model={"d_model": 64, "nhead": 4, "layers": 2, "context": 64,
                                            "eval_windows": 64}),
-            "full": Budget(300, 16, model={"d_model": 64, "nhead": 4, "layers": 4, "context": 64,
+            "full": Budget(200, 16, model={"d_model": 64, "nhead": 4, "layers": 4, "context": 64,
                                           "eval_windows": 128}),
         },
         higher_is_better=False,
@@ -234,7 +234,7 @@ TASKS: dict[str, TaskSpec] = {
         {
             "tiny": Budget(100, 16, limit=60_000, model={"hidden": 64, "context": 32, "eval_windows": 64}),
             "quick": Budget(100, 16, model={"hidden": 64, "context": 64, "eval_windows": 64}),
-            "full": Budget(300, 16, model={"hidden": 128, "context": 64, "eval_windows": 128}),
+            "full": Budget(200, 16, model={"hidden": 128, "context": 64, "eval_windows": 128}),
         },
         higher_is_better=False,
     ),
