@@ -130,6 +130,10 @@ def test_underflow_claim() -> None:
     assert row["verdict"] == L.NOT_MEASURED and "--tasks lm-lstm" in row["to_measure"]
     dyn = _three("rnn", "bf16-mixed:dynamic", (0.9, 0.9, 0.9), underflow_fraction={"bf16": 0.195})
     assert _one(_doc(none + dyn), "bf16-underflow", "rnn")["verdict"] == L.INCONCLUSIVE
+    # Training bit-identical but less underflow with scaling: the underflow claim is still measured (supported).
+    same = [dict(r, config="bf16-mixed:dynamic", scaling="dynamic", underflow_fraction={"bf16": 0.05}) for r in none]
+    row = _one(_doc(none + same), "rnn-underflow", "rnn")
+    assert row["verdict"] == L.SUPPORTED and "(training bit-identical)" in row["measured"]
 
 
 def test_lower_is_better_loss_metric() -> None:
