@@ -12,7 +12,7 @@ from . import CLIError
 
 _EPILOG = """\
 examples:
-  lossscale study --quick                          all four tasks, one seed, the quick configurations (< 10 min)
+  lossscale study --quick                          all six tasks, one seed, the quick configurations (< 10 min)
   lossscale study                                  full mode: every configuration, 3 seeds (about 2 h on 2 cores)
   lossscale study --quick --tasks deep-mlp --configs fp16-mixed:none,fp16-mixed:dynamic
   lossscale study --out study-out --resume         continue an interrupted study
