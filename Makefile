@@ -1,11 +1,13 @@
 # The two commands of README.md's Quick start:
 #   make run    set up .venv/ and run the main job
 #   make test   set up .venv/ and run the whole test suite (slow tests included, as CI does)
+#   make test-gpu  the CUDA tests, with an existing interpreter and the source tree (no venv, no install)
 VENV := .venv
 PY := $(VENV)/bin/python
+PYTHON ?= python3
 OUT ?= out/study
 
-.PHONY: setup run test test-fast bench lint clean
+.PHONY: setup run test test-fast test-gpu bench lint clean
 
 setup: $(VENV)/.installed
 
@@ -21,6 +23,9 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -n 2 --dist loadgroup -m "not slow"
+
+test-gpu:
+	PYTHONPATH=src $(PYTHON) -m pytest -p no:cacheprovider -m cuda tests/test_cuda.py -q
 
 bench: setup
 	$(PY) -m pip install --quiet -c constraints.txt --no-deps torch-optimi torchao

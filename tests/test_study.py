@@ -251,7 +251,7 @@ def test_tiny_study_outputs(tiny_study: str, capsys: pytest.CaptureFixture[str])
                 assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
     assert md.count("| " + " | ".join(R.TASK_TABLE_HEADER) + " |") == 2
     for cfg in ("fp32", "fp16-mixed:dynamic", "bf16-pure:kahan"):
-        assert md.count(f"| {cfg} |") == 3  # summary table + one row in each task table
+        assert md.count(f"| {cfg} |") == 5  # summary table + one row in each task table and steps-to-target table
     assert html.count("data:image/png;base64,") == 6 and "<table>" in html
     assert "Does FP16 need loss scaling here?" in md and "Published:" in md
 

@@ -12,10 +12,12 @@ from . import CLIError
 
 _EPILOG = """\
 examples:
-  lossscale study --quick                          all four tasks, one seed, the quick configurations (< 10 min)
+  lossscale study --quick                          all six tasks, one seed, the quick configurations (< 10 min)
   lossscale study                                  full mode: every configuration, 3 seeds (about 2 h on 2 cores)
   lossscale study --quick --tasks deep-mlp --configs fp16-mixed:none,fp16-mixed:dynamic
   lossscale study --out study-out --resume         continue an interrupted study
+  lossscale study --sweep batch --out study-out    a sweep (seq-len, batch, label-noise), added to the study
+  lossscale study --device cuda --quick            native BF16/FP16 on a GPU: step time and peak memory
 configurations: fp32; bf16-mixed:none|static|dynamic; fp16-mixed:none|static|dynamic;
   bf16-pure:none|kahan|stochastic; fp8-hybrid:none|dynamic; fp8-delayed, fp8-rowwise, mxfp8, mxfp4, nvfp4
   (variant none) ("all" = every one, "quick" = the quick set)
@@ -39,7 +41,8 @@ def register(subparsers: Any) -> None:
     mode.add_argument("--full", action="store_const", const="full", dest="mode",
                       help="larger budgets, every configuration, 3 seeds (the default)")
     mode.add_argument("--tiny", action="store_const", const="tiny", dest="mode", help=argparse.SUPPRESS)
-    p.add_argument("--tasks", default=None, help="comma-separated tasks (default: cnn,rnn,transformer,deep-mlp)")
+    p.add_argument("--tasks", default=None,
+                   help="comma-separated tasks (default: cnn,rnn,transformer,deep-mlp,lm,lm-lstm)")
     p.add_argument("--configs", default=None,
                    help="comma-separated PRECISION:VARIANT names, 'all' or 'quick' (default: by mode)")
     p.add_argument("--seeds", default=None,
@@ -50,6 +53,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--workers", type=int, default=None,
                    help="parallel worker processes, 1 thread each (default: 2 if 2+ CPUs, else 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--sweep", default=None, choices=("seq-len", "batch", "label-noise"),
+                   help="run one sweep (not part of --quick) and add it to OUT/results.json and the report; "
+                        "budgets of --quick unless --full is given")
     p.set_defaults(func=_run, mode=None)
 
 
@@ -76,6 +82,8 @@ def _run(args: argparse.Namespace) -> int:
     except ImportError as err:  # sklearn / num2words / sacrebleu missing
         raise CLIError(f"the study needs the 'study' extra: pip install 'lossscale[study]' ({err})") from None
 
+    if getattr(args, "sweep", None):
+        return _run_sweep(args)
     mode = args.mode or "full"
     tasks = list(TASK_NAMES) if args.tasks is None else [t.strip() for t in args.tasks.split(",") if t.strip()]
     bad = [t for t in tasks if t not in TASKS]
@@ -189,6 +197,73 @@ def _run(args: argparse.Namespace) -> int:
     _print_summary(doc)
     print(f"\n{len(records)} run(s) in {time.perf_counter() - t0:.0f} s. Results: {results_path}")
     print(f"Report: {paths['md']} (HTML: {paths['html']})")
+    return 0
+
+
+def _run_sweep(args: argparse.Namespace) -> int:
+    """``lossscale study --sweep NAME``: run the sweep's runs not yet in OUT/results.json (a study there is
+    kept; without one, a document holding only the sweep is written), then rewrite the report."""
+    from ..study import report as R
+    from ..study import runner as RN
+    from ..study import sweeps as SW
+
+    mode = args.mode or "quick"
+    seeds = _parse_seeds(args.seeds, "quick" if args.seeds is None else mode)
+    workers = args.workers if args.workers is not None else (2 if (os.cpu_count() or 1) >= 2 else 1)
+    if workers < 1:
+        raise CLIError(f"--workers must be >= 1, got {workers}")
+    device = args.device
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise CLIError(f"--device {device}: CUDA is not available here")
+        workers = 1
+    os.makedirs(args.out, exist_ok=True)
+    results_path = os.path.join(args.out, "results.json")
+    if os.path.exists(results_path):
+        try:
+            doc = R.load_results(results_path)
+        except (ValueError, OSError) as err:
+            raise CLIError(f"cannot add a sweep to {results_path}: {err}") from None
+    else:
+        doc = {
+            "schema_version": R.SCHEMA_VERSION, "created": R.now_iso(), "command": "lossscale study --sweep",
+            "config": {"mode": mode, "tasks": [], "configs": [], "seeds": seeds, "device": device,
+                       "workers": workers, "threads": 1, "task_details": {}},
+            "environment": RN.environment(device, 1, workers), "runs": [],
+        }
+    sweep = SW.SWEEPS[args.sweep]
+    entry = doc.setdefault("sweeps", {}).setdefault(args.sweep, {"runs": []})
+    entry.update({"override": sweep.override, "values": list(sweep.values), "tasks": list(sweep.tasks),
+                  "mode": mode, "command": f"lossscale study --sweep {args.sweep} --out {shlex.quote(args.out)}"})
+    have = {SW.record_key(r) for r in entry["runs"] if r.get("mode") == mode}
+    from ..study import configs as C
+
+    try:
+        configs = [c.name for c in C.parse_configs(args.configs)] if args.configs else list(sweep.configs)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+    tasks = sweep.tasks if args.tasks is None else tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    if not tasks or any(t not in sweep.tasks for t in tasks):
+        raise CLIError(f"--tasks for sweep {args.sweep} must be among {', '.join(sweep.tasks)}, got {args.tasks!r}")
+    specs = [
+        s for s in SW.plan_sweep(args.sweep, seeds, mode=mode, device=device, configs=configs, tasks=tasks)
+        if SW.spec_key(s) not in have
+    ]
+    print(f"lossscale study --sweep {args.sweep} ({mode} budgets): {len(specs)} run(s) to do, {len(have)} done; "
+          f"{workers} worker(s); output in {args.out}", flush=True)
+    t0 = time.perf_counter()
+
+    def on_record(rec: dict[str, Any]) -> None:
+        rec["sweep_value"] = rec["overrides"][sweep.override]
+        entry["runs"].append(rec)
+        R.write_results(results_path, doc)
+
+    RN.run_study(specs, workers=workers, threads=1, on_record=on_record, progress=not args.no_progress)
+    R.write_results(results_path, doc)
+    paths = R.write_report(doc, args.out)
+    print(f"sweep {args.sweep}: {len(specs)} run(s) in {time.perf_counter() - t0:.0f} s. Report: {paths['md']}")
     return 0
 
 

@@ -10,6 +10,11 @@ A subpackage imported on demand (``import lossscale.study``), since its data nee
 - :mod:`~lossscale.study.configs`: ``PRECISION:VARIANT`` configuration names;
 - :mod:`~lossscale.study.runner`: one run, many runs (workers, resume);
 - :mod:`~lossscale.study.report`: results.json and its schema, report.md/report.html, plots, findings.
+- :mod:`~lossscale.study.lm`: the language-model tasks' text (the standard library's docstrings), GPT-style
+  decoder and LSTM language model;
+- :mod:`~lossscale.study.ledger`: the claims ledger (each claim of the article, its measurement, a verdict);
+- :mod:`~lossscale.study.targets`: steps to target and loss at fractions of the budget;
+- :mod:`~lossscale.study.sweeps`: ``--sweep seq-len / batch / label-noise``.
 """
 
 from __future__ import annotations

@@ -97,6 +97,15 @@ RUN_SCHEMA: dict[str, Any] = {
         "test_size": {"type": "integer", "minimum": 1},
         "loss_curve": {"type": "array", "items": _NUM_OR_NULL},
         "scale_trajectory": {"type": "array", "items": _NUM},
+        # Added by issue 17 (optional, so older files still validate).
+        "eval_every": {"type": "integer", "minimum": 1},
+        "eval_curve": {"type": "array", "items": {"type": "object", "required": ["step"],
+                                                  "properties": {"step": {"type": "integer", "minimum": 1}},
+                                                  "additionalProperties": _NUM_OR_NULL}},
+        "higher_is_better": {"type": "boolean"},
+        "step_seconds": _NUM,
+        "peak_memory_bytes": {"type": ["integer", "null"]},
+        "data_info": {"type": ["object", "null"]},
     },
 }
 
@@ -130,6 +139,12 @@ RESULTS_SCHEMA: dict[str, Any] = {
                            "threads_per_run": {"type": "integer"}},
         },
         "runs": {"type": "array", "items": RUN_SCHEMA},
+        # lossscale study --sweep NAME: {name: {"override", "values", "mode", "runs": [run records with
+        # "sweep_value"]}} (issue 17; optional).
+        "sweeps": {"type": "object", "additionalProperties": {
+            "type": "object", "required": ["runs"],
+            "properties": {"runs": {"type": "array", "items": RUN_SCHEMA}},
+        }},
     },
 }
 
@@ -259,6 +274,7 @@ def summarise(doc: Mapping[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
                 "swamping": _merge_fractions(rs, "swamping_fraction"),
                 "seconds": statistics.fmean([r["seconds"] for r in rs]),
                 "test_size": rs[0].get("test_size"),
+                "higher_is_better": bool(rs[0].get("higher_is_better", True)),
                 "seeds": [r["seed"] for r in rs],
                 "extra": {
                     k: statistics.fmean([r["metrics"][k] for r in rs if r["metrics"].get(k) is not None] or [math.nan])
@@ -280,12 +296,16 @@ def _pct(x: float | None, digits: int = 1) -> str:
 def _fmt_metric(name: str, x: float | None) -> str:
     if x is None or math.isnan(x):
         return "n/a"
+    if name in RELATIVE_TOLERANCE:
+        return f"{x:.3f}"
     return f"{100 * x:.1f}%" if name == "accuracy" else f"{x:.1f}"
 
 
 def _fmt_gap(name: str, x: float | None) -> str:
     if x is None:
         return "n/a"
+    if name in RELATIVE_TOLERANCE:
+        return f"{x:+.3f}"
     return f"{100 * x:+.1f} pt" if name == "accuracy" else f"{x:+.1f}"
 
 
@@ -331,7 +351,8 @@ def summary_rows(doc: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
             m = _fmt_metric(r["metric_name"], r["metric_mean"])
             if len(r["metrics"]) > 1:
                 sd = r["metric_std"] or 0.0
-                m += f" +- {100 * sd:.1f}" if r["metric_name"] == "accuracy" else f" +- {sd:.1f}"
+                m += f" +- {100 * sd:.1f}" if r["metric_name"] == "accuracy" else (
+                    f" +- {sd:.3f}" if r["metric_name"] in RELATIVE_TOLERANCE else f" +- {sd:.1f}")
             if c != "fp32" and r["gap"] is not None:
                 m += f" ({_fmt_gap(r['metric_name'], r['gap'])})"
             if r["diverged"]:
@@ -347,6 +368,44 @@ TASK_TABLE_HEADER = [
 ]
 
 
+SPEED_HEADER = ["config", "native", "step time (ms)", "vs FP32", "peak memory (MiB)"]
+
+
+def speed_table(doc: Mapping[str, Any], task: str) -> list[list[str]]:
+    """Step time and peak memory per configuration of ``task`` (CUDA runs only: empty without them)."""
+    runs = [r for r in doc["runs"] if r["task"] == task and r.get("peak_memory_bytes") is not None
+            and r.get("step_seconds")]
+    if not runs:
+        return []
+    order = {c: i for i, c in enumerate(CONFIG_NAMES)}
+    mean_t = {c: statistics.fmean(float(r["step_seconds"]) for r in runs if r["config"] == c)
+              for c in {r["config"] for r in runs}}
+    out = []
+    for cfg in sorted(mean_t, key=lambda c: order.get(c, 99)):
+        rs = [r for r in runs if r["config"] == cfg]
+        mem = statistics.fmean(float(r["peak_memory_bytes"]) for r in rs) / 2**20
+        rel = f"{mean_t['fp32'] / mean_t[cfg]:.2f}x speed" if "fp32" in mean_t else "-"
+        out.append([cfg, "yes" if all(r.get("native") for r in rs) else "no", f"{1e3 * mean_t[cfg]:.2f}", rel,
+                    f"{mem:.1f}"])
+    return out
+
+
+TARGETS_HEADER = ["config", "steps to target (per seed)", "loss at 25%", "50%", "75%", "100%"]
+
+
+def targets_table(rows: Mapping[str, Mapping[str, Any]]) -> list[list[str]]:
+    """Rows of a task's steps-to-target table (:data:`TARGETS_HEADER`), from :func:`targets.run_targets`."""
+    order = {c: i for i, c in enumerate(CONFIG_NAMES)}
+    out = []
+    for cfg in sorted(rows, key=lambda c: order.get(c, 99)):
+        r = rows[cfg]
+        steps = ", ".join("never" if s is None else str(s) for s in r["steps"])
+        out.append([cfg, f"{steps} (of {r['budget']})"] + [
+            "n/a" if v is None else f"{v:.4g}" for v in r["loss_at"].values()
+        ])
+    return out
+
+
 def task_table(rows: Mapping[str, Mapping[str, Any]]) -> list[list[str]]:
     """Rows of one task's table, in :data:`TASK_TABLE_HEADER` order."""
     out = []
@@ -355,7 +414,8 @@ def task_table(rows: Mapping[str, Mapping[str, Any]]) -> list[list[str]]:
         m = _fmt_metric(name, r["metric_mean"])
         if len(r["metrics"]) > 1:
             sd = r["metric_std"] or 0.0
-            m += f" +- {100 * sd:.1f}" if name == "accuracy" else f" +- {sd:.1f}"
+            m += f" +- {100 * sd:.1f}" if name == "accuracy" else (
+                f" +- {sd:.3f}" if name in RELATIVE_TOLERANCE else f" +- {sd:.1f}")
         extra = {k: v for k, v in r["extra"].items() if k not in (name, "test_loss")}
         if extra:
             m += " (" + ", ".join(f"{k} {_pct(v) if v <= 1 else f'{v:.2f}'}" for k, v in extra.items()) + ")"
@@ -398,6 +458,8 @@ PUBLISHED: dict[str, str] = {
 # Below these gaps (absolute; accuracy as a fraction, BLEU in points) a configuration "matches" FP32 when the
 # run has a single seed; with several seeds, the larger of this and 2 standard deviations.
 MATCH_TOLERANCE: dict[str, float] = {"accuracy": 0.01, "bleu": 2.0}
+# Lower-is-better loss metrics: the floor is this fraction of the compared values (2% of the loss).
+RELATIVE_TOLERANCE: dict[str, float] = {"heldout_loss": 0.02}
 # A final training loss more than this factor above the scaled run's counts as "loss lost to underflow".
 LOSS_RATIO_TOLERANCE = 1.05
 
@@ -407,6 +469,9 @@ def _tol(metric: str, *rows: Mapping[str, Any] | None, test_size: int | None = N
     deviations over seeds, and for accuracy 2 binomial standard errors of the test set (a single seed's
     accuracy on 359 images varies by about 2.5 points at 65%)."""
     base = MATCH_TOLERANCE.get(metric, 0.01)
+    if metric in RELATIVE_TOLERANCE:
+        vals = [abs(float(r["metric_mean"])) for r in rows if r is not None and r["metric_mean"] is not None]
+        base = RELATIVE_TOLERANCE[metric] * (max(vals) if vals else 0.0)
     sds = [float(r["metric_std"]) for r in rows if r is not None and r["metric_std"] is not None]
     tol = max([base] + [2.0 * s for s in sds])
     if metric == "accuracy" and test_size:
@@ -431,11 +496,32 @@ def _same_curves(doc: Mapping[str, Any], task: str, a: str, b: str) -> bool | No
 
 
 def _cmp(task: str, rows: Mapping[str, Mapping[str, Any]], a: str, b: str) -> tuple[float, float] | None:
-    """(metric of a - metric of b, tolerance) or None if either is missing."""
+    """(how much better a is than b, tolerance) or None if either is missing: metric of a - metric of b, with
+    the sign flipped for a lower-is-better metric (a held-out loss), so positive always means a is better."""
     ra, rb = rows.get(a), rows.get(b)
     if ra is None or rb is None or ra["metric_mean"] is None or rb["metric_mean"] is None:
         return None
-    return ra["metric_mean"] - rb["metric_mean"], _tol(ra["metric_name"], ra, rb, test_size=ra.get("test_size"))
+    diff = ra["metric_mean"] - rb["metric_mean"]
+    if not ra.get("higher_is_better", True):
+        diff = -diff
+    return diff, _tol(ra["metric_name"], ra, rb, test_size=ra.get("test_size"))
+
+
+def _fp8_state(doc: Mapping[str, Any], task: str, rows: Mapping[str, Mapping[str, Any]]) -> str:
+    """Whether ``fp8-hybrid:none`` trained on ``task``: "failed" (diverged, or its metric within tolerance of
+    the task's chance level, or worse than FP32 beyond tolerance), "trained" (within tolerance of FP32, or
+    no worse), "unknown" (no FP32 run and not at chance)."""
+    r = rows["fp8-hybrid:none"]
+    if r["diverged"] or r["metric_mean"] is None:
+        return "failed"
+    chance = (doc["config"].get("task_details", {}).get(task) or {}).get("chance")
+    if chance is not None and r.get("higher_is_better", True):
+        if r["metric_mean"] - float(chance) <= _tol(r["metric_name"], r, test_size=r.get("test_size")):
+            return "failed"
+    c = _cmp(task, rows, "fp8-hybrid:none", "fp32")
+    if c is None:
+        return "unknown"
+    return "failed" if c[0] < -c[1] else "trained"
 
 
 def findings(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -454,9 +540,12 @@ def findings(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
 
     # 1. BF16 and loss scaling.
     ev, contra, needs = [], [], []
+    bf16_compared: list[str] = []
     for task, rows in summ.items():
         if "bf16-mixed:none" not in rows:
             continue
+        if "bf16-mixed:dynamic" in rows or "bf16-mixed:static" in rows:
+            bf16_compared.append(task)
         u = rows["bf16-mixed:none"]["underflow"].get("bf16")
         line = f"{task}: bf16-mixed without scaling {metric_str(task, 'bf16-mixed:none')}"
         for other in ("bf16-mixed:dynamic", "bf16-mixed:static"):
@@ -473,9 +562,10 @@ def findings(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
             line += f", FP32 {metric_str(task, 'fp32')}"
         line += f"; BF16 activation-gradient underflow {_pct(u, 3)}"
         ev.append(line)
-    if ev:
+    if ev and bf16_compared:
         answer = (
-            "No: BF16 without loss scaling is as good as with it on every task here."
+            "No: BF16 without loss scaling is as good as with it on every task here"
+            + ("." if len(bf16_compared) == len(ev) else f" where both were run ({', '.join(bf16_compared)}).")
             if not needs
             else f"Yes on {', '.join(needs)}: scaling improved the BF16 result there."
         )
@@ -519,6 +609,10 @@ def findings(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
             c = _cmp(task, rows, other, "fp16-mixed:none")
             if c is not None and c[0] < -c[1]:
                 hurt.append(f"{other.split(':')[1]} scaling on {task} ({_fmt_gap(r['metric_name'], c[0])})")
+        if "fp16-mixed:static" not in rows and "fp16-mixed:dynamic" not in rows:
+            if r["diverged"]:
+                needs.append(task)
+            continue  # nothing to compare with: no claim either way
         if r["diverged"] or (best is not None and best[0] > best[1]):
             needs.append(task)
         elif loss_ratio is not None and loss_ratio > LOSS_RATIO_TOLERANCE and (u or 0.0) > 0.01:
@@ -536,9 +630,11 @@ def findings(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
             )
         if fine:
             parts.append(f"not on {', '.join(fine)} (FP16 without scaling is within tolerance there)")
+        if not parts:
+            parts.append("not compared: no fp16-mixed:static or fp16-mixed:dynamic run beside fp16-mixed:none")
         answer = "; ".join(parts)
         answer = answer[0].upper() + answer[1:] + "."
-        if not needs and not loses_loss:
+        if not needs and not loses_loss and fine:
             answer = "No task here needed it; " + answer[0].lower() + answer[1:]
         if fine or loses_loss:
             contra.append(
@@ -629,7 +725,10 @@ def findings(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
             )
         else:
             bits = [f"pure BF16 with nearest rounding falls short of FP32 on {', '.join(gap_tasks)}"]
+            ran = {c for rows in summ.values() for c in ("kahan", "stochastic") if f"bf16-pure:{c}" in rows}
             for comp, ts in closed.items():
+                if comp not in ran:
+                    continue
                 bits.append(f"{comp} closes it on {', '.join(ts) if ts else 'none of them'}")
             answer = "; ".join(bits)
             answer = answer[0].upper() + answer[1:] + "."
@@ -641,10 +740,15 @@ def findings(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
 
     # 5. FP8.
     ev, contra, needs = [], [], []
+    fp8_trained: list[str] = []
+    fp8_failed: list[str] = []
+    fp8_unknown: list[str] = []
     for task, rows in summ.items():
         if "fp8-hybrid:none" not in rows:
             continue
         r = rows["fp8-hybrid:none"]
+        state = _fp8_state(doc, task, rows)
+        {"trained": fp8_trained, "failed": fp8_failed, "unknown": fp8_unknown}[state].append(task)
         line = (
             f"{task}: fp8-hybrid without scaling {metric_str(task, 'fp8-hybrid:none')}"
             f"{' (diverged)' if r['diverged'] else ''}, E5M2 gradient underflow {_pct(r['underflow'].get('e5m2'), 2)}"
@@ -665,11 +769,24 @@ def findings(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
                 line += f"; best FP8 gap to FP32 {_fmt_gap(r['metric_name'], c[0])}"
         ev.append(line)
     if ev:
-        answer = (
-            f"E5M2 gradients needed loss scaling on {', '.join(needs)}"
-            if needs
-            else "On these tasks FP8 (E4M3 forward with per-tensor current scaling) trained without loss scaling"
-        ) + (
+        parts = []
+        if needs:
+            parts.append(f"E5M2 gradients needed loss scaling on {', '.join(needs)}")
+        failed_alone = [t for t in fp8_failed if t not in needs]
+        if failed_alone:
+            parts.append(
+                f"FP8 without loss scaling did not train on {', '.join(failed_alone)} (at chance, diverged or far "
+                "below FP32); whether scaling recovers it was not measured there: run fp8-hybrid:dynamic"
+                if not any("fp8-hybrid:dynamic" in summ[t] for t in failed_alone)
+                else f"FP8 without loss scaling did not train on {', '.join(failed_alone)}"
+            )
+        trained = [t for t in fp8_trained if t not in needs]
+        if trained:
+            parts.append(f"FP8 (E4M3 forward with per-tensor current scaling) trained without loss scaling on "
+                         f"{', '.join(trained)} (within tolerance of FP32)")
+        if fp8_unknown:
+            parts.append(f"on {', '.join(fp8_unknown)} there is no FP32 run to compare with: run fp32")
+        answer = "; ".join(parts) + (
             "; every FP8 run here used per-tensor current scaling of the E4M3 forward operands (not varied: "
             "without it typical weights fall into E4M3's subnormals)."
         )
@@ -855,6 +972,23 @@ def write_report(doc: Mapping[str, Any], outdir: str | os.PathLike[str]) -> dict
     header, rows = summary_rows(doc)
     table(header, rows)
 
+    from .ledger import LEDGER_HEADER, ledger_rows
+    from .targets import run_targets
+
+    heading(2, "Claims ledger")
+    para(
+        "Each claim of the article this product answers (\"Understanding the Need for Loss Scaling in BF16 Deep "
+        "Networks\") beside what this run measured, with a verdict computed from results.json: supported or "
+        "contradicted when the effect has the claimed or the opposite sign and exceeds both a floor (1 accuracy "
+        "point, 1 BLEU, 2% of the loss, one evaluation interval of steps, 1 point of underflow, 5% of the step "
+        "time) and 2 standard deviations over seeds; inconclusive otherwise; not measured here (with what would "
+        "measure it) when the configuration, sweep or device was not run. Runs that ended bit-identical have an "
+        "exactly zero effect: a claim that scaling changes something is then contradicted. Equivalence claims "
+        "(\"consistent with\", \"comparable\") are supported when the gap stays inside the floor."
+    )
+    table(LEDGER_HEADER, ledger_rows(doc))
+    targets = run_targets(doc)
+
     for task, rows_by_cfg in summ.items():
         if not rows_by_cfg:
             continue
@@ -867,10 +1001,44 @@ def write_report(doc: Mapping[str, Any], outdir: str | os.PathLike[str]) -> dict
             f"(chance {detail.get('chance', '?')})."
         )
         table(TASK_TABLE_HEADER, task_table(rows_by_cfg))
+        if targets.get(task):
+            para(
+                "Steps to target: the first evaluation (every budget/20 steps) at which the metric reaches "
+                + ("95% of" if next(iter(targets[task].values()))["higher_is_better"] else "1.05x")
+                + " FP32's final value of the same seed (never: not within the budget); training loss at "
+                "fractions of the budget (mean over the budget/20 steps ending there)."
+            )
+            table(TARGETS_HEADER, targets_table(targets[task]))
+        speed = speed_table(doc, task)
+        if speed:
+            para("Speed and memory on the GPU: mean training step time (evaluations excluded) and peak allocated "
+                 "memory (torch.cuda.max_memory_allocated) per configuration; native: torch.autocast kernels, "
+                 "else emulated (FP32 arithmetic with rounding: slower than FP32 by construction).")
+            table(SPEED_HEADER, speed)
         files = _plots(doc, task, outdir)
         image(files["loss"], f"{task}: loss curves per configuration")
         image(files["scale"], f"{task}: loss-scale trajectory, skipped steps marked x")
         image(files["hist"], f"{task}: FP32 activation-gradient exponents against the BF16, FP16 and E5M2 windows")
+
+    sweeps = doc.get("sweeps") or {}
+    if sweeps:
+        from .sweeps import SWEEP_TABLE_HEADER, SWEEPS, sweep_plot, sweep_table
+
+        heading(2, "Sweeps")
+        for name, sw in sweeps.items():
+            if not sw.get("runs"):
+                continue
+            heading(3, f"Sweep `{name}`")
+            spec = SWEEPS.get(name)
+            secs = sum(float(r["seconds"]) for r in sw["runs"])
+            para(
+                (spec.question + " " if spec else "")
+                + f"{len(sw['runs'])} runs ({sw.get('mode', '?')} budgets), {secs / 60:.1f} CPU-minutes of runs. "
+                "Underflow: activation gradients rounded to zero in the run's gradient format (FP32 runs: what "
+                "would underflow in BF16 and FP16 at scale 1)."
+            )
+            table(SWEEP_TABLE_HEADER, sweep_table(sw["runs"], _fmt_metric))
+            image(sweep_plot(name, sw["runs"], outdir), f"sweep {name}: metric and underflow against {name}")
 
     heading(2, "Findings")
     para(

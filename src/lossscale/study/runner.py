@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from .configs import StudyConfig
-from .tasks import TASKS, build, lr_multiplier
+from .tasks import TASKS, budget_for, build, lr_multiplier
 
 __all__ = [
     "RunSpec",
@@ -93,6 +93,8 @@ class RunSpec:
     seed: int
     mode: str = "quick"
     device: str = "cpu"
+    # A sweep's changes to the task's budget, as sorted (name, value) pairs (lossscale.study.tasks.budget_for).
+    overrides: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -184,14 +186,16 @@ def _make_optimizer(
     return opt, name, recipe.describe()
 
 
-def static_scale(task: str, mode: str, seed: int, fmt: str, device: str) -> tuple[float, dict[str, Any]]:
+def static_scale(
+    task: str, mode: str, seed: int, fmt: str, device: str, overrides: dict[str, Any] | None = None
+) -> tuple[float, dict[str, Any]]:
     """The constant scale of a ``static`` run: from :func:`lossscale.diagnose` on the run's own initial
     model and first batches (a fresh copy; the run itself is untouched), the power of two at the geometric
     middle of the recommended interval (margin both ways: gradients shrink or grow as training goes on).
     Without a recommendation (nothing needs scaling, or no scale works): 1.0. Syncs (reads the diagnosis)."""
     from ..diagnose import diagnose
 
-    inst = build(task, mode, seed=seed, device=device)
+    inst = build(task, mode, seed=seed, device=device, overrides=overrides)
     batches = [next(inst.batches) for _ in range(4)]
     diag = diagnose(copy.deepcopy(inst.model), inst.loss_fn, batches, formats=(fmt,), steps=4).to_dict()
     info = diag["formats"][fmt]
@@ -259,7 +263,8 @@ def run_one(spec: RunSpec, *, on_step: Callable[[int, int], None] | None = None)
     t0 = time.perf_counter()
     config = StudyConfig.parse(spec.config)
     task = TASKS[spec.task]
-    budget = task.budget(spec.mode)
+    overrides = dict(spec.overrides)
+    budget = budget_for(spec.task, spec.mode, overrides)
     steps = budget.steps
     device = spec.device
 
@@ -267,9 +272,11 @@ def run_one(spec: RunSpec, *, on_step: Callable[[int, int], None] | None = None)
     init_scale = 1.0
     if config.scaling == "static":
         assert config.grad_format is not None
-        init_scale, static_info = static_scale(spec.task, spec.mode, spec.seed, config.grad_format, device)
+        init_scale, static_info = static_scale(
+            spec.task, spec.mode, spec.seed, config.grad_format, device, dict(spec.overrides)
+        )
 
-    inst = build(spec.task, spec.mode, seed=spec.seed, device=device)
+    inst = build(spec.task, spec.mode, seed=spec.seed, device=device, overrides=overrides)
     model = inst.model
     model.train()
     opt, opt_name, opt_desc = _make_optimizer(model, spec.task, config, spec.seed)
@@ -337,6 +344,15 @@ def run_one(spec: RunSpec, *, on_step: Callable[[int, int], None] | None = None)
 
     params = [p for g in opt.param_groups for p in g["params"]]
     clip = task.recipe.clip_norm
+    # The metric every `every` steps (budget/20), for steps-to-target; its time is kept out of step_seconds.
+    eval_curve: list[dict[str, Any]] = []
+    eval_seconds = 0.0
+    point: dict[str, float] = {}
+    is_cuda = torch.device(device).type == "cuda"
+    if is_cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    t_loop = time.perf_counter()
     losses = torch.empty(steps, dtype=torch.float32, device=device)
     scales = torch.empty(steps, dtype=torch.float32, device=device)
     with warnings.catch_warnings():
@@ -368,11 +384,23 @@ def run_one(spec: RunSpec, *, on_step: Callable[[int, int], None] | None = None)
             opt.zero_grad(set_to_none=True)
             monitor.step()
             losses[step] = loss.detach().float()
+            if (step + 1) % every == 0:
+                if is_cuda:
+                    torch.cuda.synchronize(device)
+                te = time.perf_counter()
+                point = inst.evaluate(model, eval_ctx)
+                eval_curve.append({"step": step + 1, **{k: _finite_or_none(float(v)) for k, v in point.items()
+                                                        if k != "test_size"}})
+                eval_seconds += time.perf_counter() - te
             if on_step is not None:
                 on_step(step + 1, steps)
+    if is_cuda:
+        torch.cuda.synchronize(device)
+    loop_seconds = time.perf_counter() - t_loop - eval_seconds
+    peak_memory = int(torch.cuda.max_memory_allocated(device)) if is_cuda else None
     train_seconds = time.perf_counter() - t0
 
-    metrics = inst.evaluate(model, eval_ctx)
+    metrics = point if eval_curve and eval_curve[-1]["step"] == steps else inst.evaluate(model, eval_ctx)
     if isinstance(scaler, LayerwiseScaler):
         scaler_desc["final_layer_scales"] = scaler.layer_scales()
     stats = monitor.read()
@@ -451,7 +479,14 @@ def run_one(spec: RunSpec, *, on_step: Callable[[int, int], None] | None = None)
         "train_seconds": train_seconds,
         "loss_curve": loss_list,
         "scale_trajectory": scale_list,
+        "eval_every": every,
+        "eval_curve": eval_curve,
+        "higher_is_better": task.higher_is_better,
+        "step_seconds": loop_seconds / steps,
+        "peak_memory_bytes": peak_memory,
         "data": inst.data_source,
+        "data_info": inst.data_info,
+        **({"overrides": overrides} if overrides else {}),
         "budget": budget.to_dict(),
     }
     return record

@@ -7,6 +7,8 @@ task              data                                        model             
 ``rnn``           sklearn digits read pixel by pixel (64)     LSTM                test accuracy
 ``transformer``   English -> French number names (num2words)  enc-dec Transformer BLEU (+ exact match)
 ``deep-mlp``      sklearn digits, 64 features                 30-layer tanh MLP   test accuracy
+``lm``            Python stdlib docstrings, bytes (lm.py)     GPT-style decoder   held-out loss (lower)
+``lm-lstm``       the same text                               LSTM LM             held-out loss (lower)
 ================  ==========================================  ==================  =====================
 
 Each task has one base optimizer and schedule (:class:`Recipe`) and a budget per mode (``"tiny"`` for tests,
@@ -27,6 +29,7 @@ import torch
 from torch import nn
 
 from . import data as D
+from . import lm as LM
 from .models import DeepMLP, LSTMClassifier, ResNet, Seq2SeqTransformer
 
 __all__ = [
@@ -39,6 +42,8 @@ __all__ = [
     "TaskSpec",
     "TaskInstance",
     "build",
+    "budget_for",
+    "OVERRIDES",
     "example",
     "lr_multiplier",
 ]
@@ -117,7 +122,8 @@ def lr_multiplier(recipe: Recipe, step: int, total: int) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
-    """A case-study task: its name, metric (higher is better), chance level, recipe and budgets."""
+    """A case-study task: its name, metric, chance level, recipe and budgets. The metric is higher-is-better
+    unless ``higher_is_better`` is False (the language models' held-out loss)."""
 
     name: str
     description: str
@@ -125,6 +131,7 @@ class TaskSpec:
     chance: float
     recipe: Recipe
     budgets: Mapping[str, Budget]
+    higher_is_better: bool = True
 
     def budget(self, mode: str) -> Budget:
         if mode not in self.budgets:
@@ -143,6 +150,7 @@ class TaskInstance:
     batches: Iterator[Batch]
     evaluate: Callable[[nn.Module, Callable[[], ContextManager[Any]]], dict[str, float]]
     data_source: str
+    data_info: dict[str, Any] | None = None
 
 
 # The deep MLP: weights N(0, 1/fan_in) (tanh's edge of chaos, so 30 plain layers still train) and a loss
@@ -199,6 +207,36 @@ TASKS: dict[str, TaskSpec] = {
             "quick": Budget(150, 64, model=_MLP_MODEL),
             "full": Budget(600, 64, model=_MLP_MODEL),
         },
+    ),
+    "lm": TaskSpec(
+        "lm",
+        "GPT-style byte-level decoder (causal attention, tied embeddings) on the Python standard library's "
+        "docstrings",
+        "heldout_loss",
+        math.log(256.0),
+        Recipe("adamw", lr=3e-3, weight_decay=0.01, schedule="cosine", warmup=0.05, clip_norm=1.0),
+        {
+            "tiny": Budget(100, 16, limit=60_000,
+                           model={"d_model": 64, "nhead": 4, "layers": 2, "context": 32, "eval_windows": 64}),
+            "quick": Budget(100, 16, model={"d_model": 64, "nhead": 4, "layers": 2, "context": 64,
+                                           "eval_windows": 64}),
+            "full": Budget(200, 16, model={"d_model": 64, "nhead": 4, "layers": 4, "context": 64,
+                                          "eval_windows": 128}),
+        },
+        higher_is_better=False,
+    ),
+    "lm-lstm": TaskSpec(
+        "lm-lstm",
+        "LSTM byte-level language model (tied embeddings) on the Python standard library's docstrings",
+        "heldout_loss",
+        math.log(256.0),
+        Recipe("adamw", lr=1e-2, weight_decay=0.0, schedule="cosine", warmup=0.05, clip_norm=1.0),
+        {
+            "tiny": Budget(100, 16, limit=60_000, model={"hidden": 64, "context": 32, "eval_windows": 64}),
+            "quick": Budget(100, 16, model={"hidden": 64, "context": 64, "eval_windows": 64}),
+            "full": Budget(200, 16, model={"hidden": 128, "context": 64, "eval_windows": 128}),
+        },
+        higher_is_better=False,
     ),
 }
 TASK_NAMES: tuple[str, ...] = tuple(TASKS)
@@ -297,13 +335,82 @@ def _translation_eval(
     return evaluate
 
 
-def build(name: str, mode: str = "quick", *, seed: int = 0, device: str | torch.device = "cpu") -> TaskInstance:
+# What a sweep may change, and on which tasks: the step count and the batch size (every task), the sequence
+# length (the RNN tasks: rnn reads the digits upsampled to side x side pixels, lm-lstm trains on windows of
+# that many bytes), and the fraction of training labels replaced by a different random class (the classification tasks).
+OVERRIDES: dict[str, tuple[str, ...]] = {
+    "steps": TASK_NAMES,
+    "batch_size": TASK_NAMES,
+    "seq_len": ("rnn", "lm-lstm"),
+    "label_noise": ("cnn", "rnn", "deep-mlp"),
+}
+
+
+def budget_for(name: str, mode: str, overrides: Mapping[str, Any] | None = None) -> Budget:
+    """Task ``name``'s budget in ``mode`` with sweep ``overrides`` applied (see :data:`OVERRIDES`)."""
+    budget = TASKS[name].budget(mode)
+    for key, value in (overrides or {}).items():
+        if key not in OVERRIDES:
+            raise ValueError(f"unknown override {key!r}; valid overrides: {', '.join(OVERRIDES)}")
+        if name not in OVERRIDES[key]:
+            raise ValueError(f"override {key!r} applies to tasks {', '.join(OVERRIDES[key])}, not {name!r}")
+        if key == "steps":
+            budget = dataclasses.replace(budget, steps=int(value))
+        elif key == "batch_size":
+            budget = dataclasses.replace(budget, batch_size=int(value))
+        elif key == "seq_len":
+            n = int(value)
+            if name == "rnn" and (n < 64 or math.isqrt(n) ** 2 != n):
+                raise ValueError(f"seq_len for rnn must be a square >= 64 (side x side pixels), got {value!r}")
+            if n < 2:
+                raise ValueError(f"seq_len must be >= 2, got {value!r}")
+            budget = dataclasses.replace(budget, model={**budget.model, ("seq_len" if name == "rnn" else "context"): n})
+        else:
+            if not 0.0 <= float(value) < 0.9:
+                raise ValueError(f"label_noise must be in [0, 0.9), got {value!r}")
+            budget = dataclasses.replace(budget, model={**budget.model, "label_noise": float(value)})
+    return budget
+
+
+def _upsampled_sequences(d: D.ClassificationData, seq_len: int) -> D.ClassificationData:
+    """Digit images ``(N, 1, 8, 8)`` resized (bilinear) to side x side and read pixel by pixel."""
+    side = math.isqrt(seq_len)
+
+    def seq(x: torch.Tensor) -> torch.Tensor:
+        up = nn.functional.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
+        return up.reshape(x.shape[0], side * side, 1)
+
+    return D.ClassificationData(seq(d.x_train), d.y_train, seq(d.x_test), d.y_test, d.num_classes,
+                                f"sklearn.datasets.load_digits upsampled to {side}x{side}, read pixel by pixel "
+                                f"({seq_len} steps)")
+
+
+def _noisy_labels(d: D.ClassificationData, fraction: float) -> D.ClassificationData:
+    """Replace ``fraction`` of the training labels (a fixed choice, independent of the run's seed) by a
+    different class drawn uniformly; the test labels stay clean."""
+    if fraction == 0.0:
+        return d
+    gen = torch.Generator().manual_seed(D.SPLIT_SEED + 1)
+    n = d.y_train.shape[0]
+    idx = torch.randperm(n, generator=gen)[: int(round(fraction * n))]
+    shift = torch.randint(1, d.num_classes, (idx.shape[0],), generator=gen)
+    y = d.y_train.clone()
+    y[idx] = (y[idx] + shift) % d.num_classes
+    return D.ClassificationData(d.x_train, y, d.x_test, d.y_test, d.num_classes,
+                                f"{d.source}, {fraction:.0%} of training labels replaced by a random other class")
+
+
+def build(
+    name: str, mode: str = "quick", *, seed: int = 0, device: str | torch.device = "cpu",
+    overrides: Mapping[str, Any] | None = None,
+) -> TaskInstance:
     """A fresh instance of task ``name`` for one run: the model is initialised from ``seed`` (and the batch
-    order drawn from it); the train/test split is the same for every seed."""
+    order drawn from it); the train/test split is the same for every seed. ``overrides`` are a sweep's
+    changes to the budget (:func:`budget_for`)."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(TASK_NAMES)}")
     spec = TASKS[name]
-    budget = spec.budget(mode)
+    budget = budget_for(name, mode, overrides)
     dev = torch.device(device)
     torch.manual_seed(seed)
     m = dict(budget.model)
@@ -314,6 +421,8 @@ def build(name: str, mode: str = "quick", *, seed: int = 0, device: str | torch.
             model: nn.Module = ResNet(1, d.num_classes, widths=tuple(m["widths"]), blocks=int(m["blocks"]))
         elif name == "rnn":
             d = D.digits_sequences(limit=budget.limit)
+            if int(m.get("seq_len", 64)) != 64:
+                d = _upsampled_sequences(D.digits_images(limit=budget.limit), int(m["seq_len"]))
             model = LSTMClassifier(1, int(m["hidden"]), d.num_classes)
         else:
             d = D.digits_features(limit=budget.limit)
@@ -322,6 +431,7 @@ def build(name: str, mode: str = "quick", *, seed: int = 0, device: str | torch.
             )
             if "loss_weight" in m:
                 loss_fn = _weighted_loss(float(m["loss_weight"]))
+        d = _noisy_labels(d, float(m.get("label_noise", 0.0)))
         return TaskInstance(
             spec,
             model.to(dev),
@@ -329,6 +439,23 @@ def build(name: str, mode: str = "quick", *, seed: int = 0, device: str | torch.
             _classification_stream(d, budget.batch_size, seed, dev),
             _accuracy_eval(d, dev),
             d.source,
+        )
+    if name in ("lm", "lm-lstm"):
+        text = LM.text_data(budget.limit)
+        seq_len = int(m["context"])
+        if name == "lm":
+            model = LM.GPT(d_model=int(m["d_model"]), nhead=int(m["nhead"]), layers=int(m["layers"]),
+                           context=seq_len)
+        else:
+            model = LM.LSTMLanguageModel(hidden=int(m["hidden"]))
+        return TaskInstance(
+            spec,
+            model.to(dev),
+            LM.lm_loss,
+            LM.lm_stream(text.train, seq_len, budget.batch_size, seed, dev),
+            LM.lm_eval(text.heldout, seq_len, int(m["eval_windows"]), dev),
+            text.source,
+            dict(text.info),
         )
     t = D.number_phrases(limit=budget.limit)
     model = Seq2SeqTransformer(
