@@ -53,7 +53,8 @@ def register(subparsers: Any) -> None:
                    help="comma-separated PRECISION:VARIANT names, 'all' or 'quick' (default: by mode)")
     p.add_argument("--seeds", default=None,
                    help="comma-separated seeds, or a count N meaning 0..N-1 (default: 0 quick, 0,1,2 full)")
-    p.add_argument("--out", default="study-out", help="output directory (default: study-out)")
+    p.add_argument("--out", default="study-out",
+                   help="output directory (default: study-out), locked for the study's lifetime: one study per folder")
     p.add_argument("--resume", action="store_true", help="keep the runs already in OUT/results.json, run the rest")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu; emulated there, native on CUDA)")
     p.add_argument("--workers", type=int, default=None,
