@@ -28,6 +28,16 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
 
+def _read_umask() -> int:
+    # The only way to read the umask is to set it; done once, at import, not while other threads create files.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def atomic_write(path: str | os.PathLike[str], data: str | bytes) -> None:
     """Write ``data`` to ``path`` atomically: a unique temporary file beside it, fsync, ``os.replace``.
 
@@ -42,9 +52,7 @@ def atomic_write(path: str | os.PathLike[str], data: str | bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         # mkstemp creates the file 0600; give it the permissions an ordinary open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
