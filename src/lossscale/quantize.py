@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING, Literal, Union
+from typing import TYPE_CHECKING, Any, Literal, Union
 
 import torch
 
@@ -93,6 +93,12 @@ def quantize(
     flushed). float64 inputs are rounded once, correctly. bfloat16/float16 inputs are rounded in float32 and
     cast back, which is exact when the format's values fit in the input dtype.
 
+    Autograd: every path has the same straight-through gradient. When ``x`` requires grad (and grad mode
+    is on), the result does too and its gradient passes to ``x`` unchanged (identity, overflowed and
+    underflowed elements included), the straight-through estimator of Bengio et al. 2013 ("Estimating or
+    propagating gradients through stochastic neurons"); round the gradient itself where it should be
+    rounded. (torch.ao's fake-quantize zeroes it outside the clamp range instead.)
+
     Does not synchronise with the device (no ``.item()``); works on any device.
 
     Example:
@@ -143,6 +149,12 @@ def quantize(
             f"fmt={fmt.name}"
         )
 
+    if x.requires_grad and torch.is_grad_enabled():
+        out: torch.Tensor = _StraightThrough.apply(  # type: ignore[no-untyped-call]
+            x, fmt, rounding, saturate, generator, impl
+        )
+        return out
+
     if x.dtype in (torch.bfloat16, torch.float16):
         # Upcasting is exact; the container round trip is exact when fmt fits in x's dtype.
         return quantize(
@@ -163,6 +175,23 @@ def quantize(
         # Identity for float32; float64 -> float32 is a single correctly rounded native cast.
         return x.clone() if x.dtype == torch.float32 else x.float().double()
     return _bits(x, fmt, rounding, generator)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """quantize in forward (computed without autograd, so every path gives the same bits as without
+    grad), the identity in backward: one gradient rule for all paths, some of which (the bit-pattern
+    kernels) have no derivative of their own."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, fmt: FloatFormat, rounding: Rounding, saturate: bool,
+        generator: torch.Generator | None, impl: Impl,
+    ) -> torch.Tensor:
+        return quantize(x.detach(), fmt, rounding=rounding, saturate=saturate, generator=generator, impl=impl)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        return grad, None, None, None, None, None
 
 
 # ------------------------------------------------------------------------------------------------------

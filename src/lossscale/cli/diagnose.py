@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import inspect
 import json
+import os
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -13,7 +15,7 @@ from typing import Any
 
 from ..diagnose import DEFAULT_STEPS, Diagnosis, diagnose
 from ..formats import FloatFormat
-from . import CLIError
+from . import CLIError, UserCodeError, describe, prepare_out_dir
 
 # Names of the built-in examples (lossscale.study.tasks.example); listed here so that parsing the command
 # line imports nothing of the study.
@@ -27,12 +29,15 @@ examples:
   lossscale diagnose --model mypkg.models:make_diag --optimizer adamw --lr 1e-4 --optimizer-arg weight_decay=0.1
   lossscale diagnose --gradients grads.npz               arrays exported from TensorFlow/JAX (np.savez)
 
---model PACKAGE.MODULE:FACTORY names a function taking no arguments that returns (model, loss_fn, batches):
+--model PACKAGE.MODULE:FACTORY IMPORTS AND RUNS the named module (looked up from the current directory first,
+as `python -m` does), like the app specs of uvicorn or gunicorn: name only code you trust. FACTORY is a
+function taking no arguments that returns (model, loss_fn, batches):
 an nn.Module, loss_fn(model, batch) -> scalar loss tensor, and an iterable of batches. The steps run in FP32
 on a copy of the model with --optimizer (default SGD, lr 0.01; swamping depends on it, so name the optimizer
 you train with: any torch.optim class, case-insensitive, or PACKAGE.MODULE:CLASS); the format columns say
 what rounding those FP32 gradients to each format would do. Writes diagnosis.json, diagnosis.md and PNG
-figures into --out (default ./lossscale-diagnosis). Default steps: {DEFAULT_STEPS}.
+figures into --out (default ./lossscale-diagnosis). Default steps: {DEFAULT_STEPS}. Exit status: 0, 1 when
+the model's own code raises (one line; --debug prints its traceback), 2 for any other error.
 """
 
 
@@ -46,7 +51,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", metavar="PACKAGE.MODULE:FACTORY", help="factory returning (model, loss_fn, batches)")
+    src.add_argument("--model", metavar="PACKAGE.MODULE:FACTORY",
+                     help="import PACKAGE.MODULE (from the current directory first) and call FACTORY() for "
+                     "(model, loss_fn, batches); this runs the module's code")
     src.add_argument("--example", choices=EXAMPLES, help="a built-in example (small, CPU)")
     src.add_argument("--gradients", type=Path, metavar="FILE.npz",
                      help="gradient arrays exported from any framework (TensorFlow, JAX, ...): keys "
@@ -69,7 +76,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--zero-check", action=argparse.BooleanOptionalAction, default=True,
                    help="count gradients that are FP32 rounding noise (attention key biases) as numerically zero, "
                    "from one FP32 and one FP64 recomputation (default on)")
-    p.add_argument("--seed", type=int, default=0, help="seed for --example and torch (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help=f"seed for --example and torch, 0..{MAX_SEED} (default 0)")
     p.add_argument("--out", type=Path, default=Path("lossscale-diagnosis"), metavar="DIR",
                    help="output folder (default ./lossscale-diagnosis)")
     p.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True, help="write PNG figures")
@@ -80,18 +87,90 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.set_defaults(func=run)
 
 
+# torch.manual_seed takes a 64-bit seed; larger ones overflow inside torch.
+MAX_SEED = 2**63 - 1
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text[:40]!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**63 - 1], got {text[:40]}")
+    return value
+
+
+def _user_failed(what: str, err: BaseException) -> UserCodeError:
+    return UserCodeError(f"{what} raised {describe(err)}")
+
+
 def _load_factory(spec: str) -> Callable[[], Any]:
     module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
+    if not sep or not module_name or not attr or not all(p.isidentifier() for p in module_name.split(".")):
         raise CLIError(f"--model must look like PACKAGE.MODULE:FACTORY, got {spec!r}")
+    # As `python -m` does: the current directory comes first, so that a project's own package is found by
+    # the console script too (whose sys.path[0] is the script's folder).
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
     try:
         module = importlib.import_module(module_name)
-    except Exception as err:  # noqa: BLE001 - any import failure is the user's to fix: one line
-        raise CLIError(f"--model: cannot import {module_name!r}: {type(err).__name__}: {err}") from None
+    except ModuleNotFoundError as err:
+        if err.name is not None and (module_name == err.name or module_name.startswith(err.name + ".")):
+            raise CLIError(
+                f"--model: cannot import {module_name!r}: no module of that name (looked in the current directory "
+                "and on sys.path)"
+            ) from None
+        raise _user_failed(f"--model: cannot import {module_name!r}: its code", err) from err
+    except (Exception, SystemExit) as err:  # noqa: BLE001 - the module's own code failed: one line
+        raise _user_failed(f"--model: cannot import {module_name!r}: its code", err) from err
     factory = getattr(module, attr, None)
     if factory is None or not callable(factory):
         raise CLIError(f"--model: {module_name!r} has no callable {attr!r}")
+    try:
+        inspect.signature(factory).bind()
+    except TypeError:
+        raise CLIError(
+            f"--model: {spec} must be callable with no arguments, but its signature is "
+            f"{inspect.signature(factory)}; name a function that builds (model, loss_fn, batches)"
+        ) from None
+    except ValueError:  # no signature to read (some builtins): let the call decide
+        pass
     return factory  # type: ignore[no-any-return]
+
+
+def _guard_loss(loss_fn: Callable[..., Any], where: str) -> Callable[..., Any]:
+    """``loss_fn`` whose exceptions become :class:`UserCodeError` (exit 1, one line)."""
+
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return loss_fn(*args, **kwargs)
+        except (Exception, SystemExit) as err:  # noqa: BLE001 - the user's code failed
+            raise _user_failed(f"{where}'s loss_fn", err) from err
+
+    return guarded
+
+
+def _guard_batches(batches: Iterable[Any], where: str) -> Iterable[Any]:
+    """``batches`` whose iteration errors become :class:`UserCodeError`."""
+
+    class Guarded:
+        def __iter__(self) -> Any:
+            try:
+                it = iter(batches)
+            except (Exception, SystemExit) as err:  # noqa: BLE001
+                raise _user_failed(f"{where}'s batches", err) from err
+            while True:
+                try:
+                    item = next(it)
+                except StopIteration:
+                    return
+                except (Exception, SystemExit) as err:  # noqa: BLE001
+                    raise _user_failed(f"{where}'s batches", err) from err
+                yield item
+
+    return Guarded()
 
 
 def _check_triple(obj: Any, where: str) -> tuple[Any, Callable[..., Any], Iterable[Any]]:
@@ -158,6 +237,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--steps must be >= 1, got {args.steps}")
     if not 0.0 <= args.threshold < 1.0:
         raise CLIError(f"--threshold must be in [0, 1), got {args.threshold}")
+    prepare_out_dir(args.out)  # before the computation: an unwritable --out fails now
     torch.manual_seed(args.seed)
     if args.gradients is not None:
         from ..gradients import diagnose_gradients, load_npz
@@ -175,7 +255,10 @@ def run(args: argparse.Namespace) -> int:
         _write(dataclasses.replace(d, meta={**d.meta, "model": source}), args, source)
         return 0
     if args.example is not None:
-        from ..study.tasks import example  # the study sits above diagnose: imported only here
+        try:
+            from ..study.tasks import example  # the study sits above diagnose: imported only here
+        except ImportError as err:
+            raise CLIError(f"--example needs the 'study' extra: pip install 'lossscale[study]' ({err})") from None
 
         model, loss_fn, batches = _check_triple(example(args.example, seed=args.seed), f"example {args.example!r}")
         source = f"example:{args.example}"
@@ -183,9 +266,11 @@ def run(args: argparse.Namespace) -> int:
         factory = _load_factory(args.model)
         try:
             got = factory()
-        except Exception as err:  # noqa: BLE001
-            raise CLIError(f"--model: {args.model} raised {type(err).__name__}: {err}") from None
+        except (Exception, SystemExit) as err:  # noqa: BLE001 - the user's factory failed: one line, exit 1
+            raise _user_failed(f"--model: {args.model}()", err) from err
         model, loss_fn, batches = _check_triple(got, f"--model {args.model}")
+        loss_fn = _guard_loss(loss_fn, args.model)
+        batches = _guard_batches(batches, args.model)
         source = args.model
 
     if args.recipe is not None:
@@ -202,18 +287,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _write(d: Diagnosis, args: argparse.Namespace, source: str) -> None:
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "diagnosis.json").write_text(json.dumps(d.to_dict(), indent=2) + "\n")
-    (out / "diagnosis.md").write_text(d.to_markdown())
-    written = [out / "diagnosis.json", out / "diagnosis.md"]
-    if args.plots:
-        try:
-            from ..plots import save_all
+    out: Path = Path(prepare_out_dir(args.out))
+    try:
+        (out / "diagnosis.json").write_text(json.dumps(d.to_dict(), indent=2) + "\n")
+        (out / "diagnosis.md").write_text(d.to_markdown())
+        written = [out / "diagnosis.json", out / "diagnosis.md"]
+        if args.plots:
+            try:
+                from ..plots import save_all
 
-            written += save_all(d, out)
-        except ImportError as err:
-            print(f"note: no figures ({err})", file=sys.stderr)
+                written += save_all(d, out)
+            except ImportError as err:
+                print(f"note: no figures ({err})", file=sys.stderr)
+    except OSError as err:
+        raise CLIError(f"--out {out}: cannot write the results ({describe(err)})") from None
     _print_summary(d, source)
     for path in written:
         print(f"wrote {path}")

@@ -15,6 +15,7 @@ _EXAMPLES = """\
 examples:
   lossscale formats                         every preset: bits, bias, max, min normal, min subnormal, eps
   lossscale formats --value 1e-8            how 1e-8 rounds in each preset (fp16 underflows, bf16 does not)
+  lossscale formats --value -1e-8           negative numbers (and -inf) are values too
   lossscale formats --value 70000 --format fp16 --format e4m3
   lossscale formats --value 500 --format e4m3 --saturate
   lossscale formats --format e6m9           a custom format: e<E>m<M>[ieee|fn|f][-ftz]

@@ -5,10 +5,20 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
-from . import CLIError
+from . import CLIError, describe, prepare_out_dir
+
+# Refused up front: more seeds than any study could run, seeds beyond what every seeded generator takes, more
+# worker processes than a machine can usefully hold.
+MAX_SEEDS = 1000
+MAX_SEED = 2**32 - 1
+MAX_WORKERS = 512
+# Devices a study can run on: CPU (every precision emulated) and CUDA (native mixed precision where torch has it).
+DEVICE_TYPES = ("cpu", "cuda")
 
 _EPILOG = """\
 examples:
@@ -47,7 +57,8 @@ def register(subparsers: Any) -> None:
                    help="comma-separated PRECISION:VARIANT names, 'all' or 'quick' (default: by mode)")
     p.add_argument("--seeds", default=None,
                    help="comma-separated seeds, or a count N meaning 0..N-1 (default: 0 quick, 0,1,2 full)")
-    p.add_argument("--out", default="study-out", help="output directory (default: study-out)")
+    p.add_argument("--out", default="study-out",
+                   help="output directory (default: study-out), locked for the study's lifetime: one study per folder")
     p.add_argument("--resume", action="store_true", help="keep the runs already in OUT/results.json, run the rest")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu; emulated there, native on CUDA)")
     p.add_argument("--workers", type=int, default=None,
@@ -60,24 +71,52 @@ def register(subparsers: Any) -> None:
 
 
 def _parse_seeds(text: str | None, mode: str) -> list[int]:
-    """``"0,1,2"`` or ``"n=3"`` (seeds 0..2); default: 0 (quick) or 0,1,2 (full)."""
+    """``"0,1,2"`` or ``"n=3"`` (seeds 0..2); default: 0 (quick) or 0,1,2 (full). At most
+    :data:`MAX_SEEDS` seeds, each in [0, :data:`MAX_SEED`], checked before any list is built."""
     if text is None:
         return [0] if mode in ("quick", "tiny") else [0, 1, 2]
     text = text.strip().lower()
+    usage = f"--seeds must be comma-separated integers in [0, {MAX_SEED}] or n=COUNT, got {text[:40]!r}"
     try:
-        seeds = list(range(int(text[2:]))) if text.startswith("n=") else [int(s) for s in text.split(",") if s]
-    except ValueError:
-        seeds = []
-    if not seeds or any(s < 0 for s in seeds):
-        raise CLIError(f"--seeds must be comma-separated non-negative integers or n=COUNT, got {text!r}")
+        if text.startswith("n="):
+            count = int(text[2:])
+            if not 1 <= count <= MAX_SEEDS:
+                raise CLIError(f"--seeds n=COUNT needs 1 <= COUNT <= {MAX_SEEDS}, got {text[2:][:40]}")
+            seeds = list(range(count))
+        else:
+            words = [s for s in text.split(",") if s.strip()]
+            if len(words) > MAX_SEEDS:
+                raise CLIError(f"--seeds lists {len(words)} seeds; at most {MAX_SEEDS}")
+            seeds = [int(s) for s in words]
+    except ValueError:  # not an integer (or one with thousands of digits)
+        raise CLIError(usage) from None
+    if not seeds or any(not 0 <= s <= MAX_SEED for s in seeds):
+        raise CLIError(usage)
     return list(dict.fromkeys(seeds))
+
+
+def _check_device(device: str) -> str:
+    """A torch device string the study can run on, checked before anything starts."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise CLIError(f"--device {device!r} is not a torch device; use cpu or cuda[:N]") from None
+    if dev.type not in DEVICE_TYPES:
+        raise CLIError(f"--device {device}: the study runs on cpu (emulated) or cuda[:N] (native), not {dev.type}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CLIError(f"--device {device}: CUDA is not available here")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise CLIError(f"--device {device}: there are {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def _run(args: argparse.Namespace) -> int:
     try:
         from ..study import configs as C
-        from ..study import report as R
-        from ..study import runner as RN
+        from ..study import files as RF
         from ..study.tasks import TASK_NAMES, TASKS
     except ImportError as err:  # sklearn / num2words / sacrebleu missing
         raise CLIError(f"the study needs the 'study' extra: pip install 'lossscale[study]' ({err})") from None
@@ -96,19 +135,38 @@ def _run(args: argparse.Namespace) -> int:
         raise CLIError(str(err)) from None
     seeds = _parse_seeds(args.seeds, mode)
     workers = args.workers if args.workers is not None else (2 if (os.cpu_count() or 1) >= 2 else 1)
-    if workers < 1:
-        raise CLIError(f"--workers must be >= 1, got {workers}")
-    device = args.device
+    if not 1 <= workers <= MAX_WORKERS:
+        raise CLIError(f"--workers must be between 1 and {MAX_WORKERS}, got {workers}")
+    device = _check_device(args.device)
     if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise CLIError(f"--device {device}: CUDA is not available here")
         workers = 1  # one process owns the GPU
-    threads = 1
+    out = prepare_out_dir(args.out)
+    # One study per output folder: held until this process ends, released by the OS if it is killed.
+    lock = RF.OutputLock(out)
+    try:
+        lock.acquire()
+    except RF.LockHeldError as err:
+        raise CLIError(str(err)) from None
+    except OSError as err:
+        raise CLIError(f"--out {out}: cannot lock it ({describe(err)})") from None
+    try:
+        if lock.stale_pid is not None:
+            print(f"note: {out} was locked by process {lock.stale_pid}, which is gone; taking it over",
+                  file=sys.stderr, flush=True)
+        return _run_locked(args, mode, tasks, configs, seeds, workers, device, out)
+    finally:
+        lock.release()
 
-    out = args.out
-    os.makedirs(out, exist_ok=True)
+
+def _run_locked(
+    args: argparse.Namespace, mode: str, tasks: list[str], configs: Sequence[Any], seeds: list[int], workers: int,
+    device: str, out: str,
+) -> int:
+    from ..study import report as R
+    from ..study import runner as RN
+    from ..study.tasks import TASKS
+
+    threads = 1
     results_path = os.path.join(out, "results.json")
     done: list[dict[str, Any]] = []
     if os.path.exists(results_path):
@@ -117,7 +175,7 @@ def _run(args: argparse.Namespace) -> int:
         try:
             old = R.load_results(results_path)
         except (ValueError, OSError) as err:
-            raise CLIError(f"cannot resume from {results_path}: {err}") from None
+            raise CLIError(f"cannot resume from {results_path}: {describe(err)}") from None
         if old["config"]["mode"] != mode:
             raise CLIError(
                 f"{results_path} holds a {old['config']['mode']}-mode study; resume it with the same mode"
@@ -193,7 +251,10 @@ def _run(args: argparse.Namespace) -> int:
         if records:
             save(records)
     save(records)
-    paths = R.write_report(doc, out)
+    try:
+        paths = R.write_report(doc, out)
+    except (ValueError, OSError) as err:
+        raise CLIError(f"cannot write the report into {out}: {describe(err)}") from None
     _print_summary(doc)
     print(f"\n{len(records)} run(s) in {time.perf_counter() - t0:.0f} s. Results: {results_path}")
     print(f"Report: {paths['md']} (HTML: {paths['html']})")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -37,9 +38,12 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def check_number(name: str, value: object) -> float:
-    """``value`` if it is a real number (not a bool), else a ``TypeError`` naming the argument."""
+    """``value`` if it is a finite real number: a ``TypeError`` naming the argument for a non-number (or a
+    bool), a ``ValueError`` for NaN or an infinity (no hyper-parameter of ours has a meaning there)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
     return value
 
 
@@ -81,11 +85,19 @@ class CompensatedOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (torch.optim's method) after checking its lossscale options against its tensors."""
         super().add_param_group(param_group)
-        self._check_group(self.param_groups[-1])
+        try:
+            self._check_group(self.param_groups[-1])
+        except BaseException:
+            self.param_groups.pop()  # a refused group leaves the optimizer as it was
+            raise
+
+    def _check_options(self, group: dict[str, Any]) -> None:
+        """The subclass's own hyper-parameter checks on a group (SGD's momentum, Adam's betas, ...)."""
 
     def _check_group(self, group: dict[str, Any]) -> None:
         """Validate a group's lossscale options against its tensors and normalise them to plain data."""
         check_common(group["lr"], group["weight_decay"], group["compensation"], group["foreach"])
+        self._check_options(group)
         fmt_arg = group["weight_format"]
         if fmt_arg is not None:
             group["weight_format"] = FloatFormat.parse(fmt_arg).name
@@ -126,6 +138,7 @@ class CompensatedOptimizer(torch.optim.Optimizer):
         ``torch.optim`` saves it) is read once here into the Python int we keep, so that later steps do not
         read it back from the device (a host sync per step).
         """
+        self._check_state_dict(state_dict)
         state_dict = dict(state_dict)
         extra = state_dict.pop("lossscale", None)
         rng: StochasticRoundingRNG | None = None
@@ -167,6 +180,57 @@ class CompensatedOptimizer(torch.optim.Optimizer):
                     state[key] = value.to(device=param.device, copy=True)
         if rng is not None:
             self._rng = rng
+
+    def _check_state_dict(self, state_dict: Any) -> None:
+        """The structure of a state dict, checked before anything is loaded (a ``ValueError``/``TypeError``
+        naming what is wrong): ``state`` and ``param_groups`` present, as many groups of as many parameters
+        as this optimizer has, each parameter id once, every per-parameter state tensor (but ``step``) of its
+        parameter's shape, every ``step`` a finite integer >= 0. Reads a tensor ``step`` (a host sync, at
+        load time only)."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        for key in ("state", "param_groups"):
+            if key not in state_dict:
+                raise ValueError(f"state_dict has no {key!r} entry (keys: {sorted(map(str, state_dict))})")
+        groups, state = state_dict["param_groups"], state_dict["state"]
+        if not isinstance(groups, (list, tuple)) or not all(isinstance(g, Mapping) for g in groups):
+            raise TypeError("state_dict['param_groups'] must be a list of dicts")
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state_dict['state'] must be a dict, got {type(state).__name__}")
+        if len(groups) != len(self.param_groups):
+            raise ValueError(
+                f"state_dict has {len(groups)} parameter group(s); this optimizer has {len(self.param_groups)}"
+            )
+        params_of: dict[Any, Tensor] = {}
+        for i, (saved, current) in enumerate(zip(groups, self.param_groups, strict=True)):
+            ids = saved.get("params")
+            if not isinstance(ids, (list, tuple)):
+                raise ValueError(f"state_dict['param_groups'][{i}] has no 'params' list")
+            if len(ids) != len(current["params"]):
+                raise ValueError(
+                    f"state_dict['param_groups'][{i}] has {len(ids)} parameter(s); this optimizer's group {i} "
+                    f"has {len(current['params'])}"
+                )
+            for pid, p in zip(ids, current["params"], strict=True):
+                if pid in params_of:
+                    raise ValueError(f"state_dict names parameter id {pid!r} twice")
+                params_of[pid] = p
+        for pid, entry in state.items():
+            if pid not in params_of:
+                raise ValueError(f"state_dict['state'] has an entry for parameter id {pid!r}, which no group lists")
+            if not isinstance(entry, Mapping):
+                raise TypeError(f"state_dict['state'][{pid!r}] must be a dict, got {type(entry).__name__}")
+            p = params_of[pid]
+            for key, value in entry.items():
+                where = f"state_dict['state'][{pid!r}][{key!r}]"
+                if key == "step":
+                    step = value.item() if isinstance(value, Tensor) and value.numel() == 1 else value
+                    if isinstance(step, bool) or not isinstance(step, (int, float)) or not (
+                        math.isfinite(step) and step >= 0 and step == int(step)
+                    ):
+                        raise ValueError(f"{where} must be an integer >= 0, got {value!r}")
+                elif isinstance(value, Tensor) and value.shape != p.shape:
+                    raise ValueError(f"{where} has shape {tuple(value.shape)}; its parameter has {tuple(p.shape)}")
 
     def _params_with_grad(self, group: dict[str, Any]) -> Iterable[Tensor]:
         for p in group["params"]:

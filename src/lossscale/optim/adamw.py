@@ -439,6 +439,9 @@ class Adam(CompensatedOptimizer):
         group = self.param_groups[-1]
         _check_adam(group["lr"], group["betas"], group["eps"], group["weight_decay"])
 
+    def _check_options(self, group: dict[str, Any]) -> None:
+        _check_adam(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
         """One update of every parameter that has a gradient. Does not synchronise with the device."""

@@ -310,6 +310,9 @@ class SGD(CompensatedOptimizer):
         group = self.param_groups[-1]
         _check_sgd(group["momentum"], group["dampening"], group["nesterov"])
 
+    def _check_options(self, group: dict[str, Any]) -> None:
+        _check_sgd(group["momentum"], group["dampening"], group["nesterov"])
+
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
         """One update of every parameter that has a gradient. Does not synchronise with the device."""

@@ -32,6 +32,7 @@ import pickle
 import re
 import struct
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -139,6 +140,39 @@ def digits_features(*, test_fraction: float = 0.2, limit: int | None = None) -> 
 # Loaders for standard on-disk formats
 
 
+# What CIFAR-10's python batches contain besides dicts, lists, bytes and ints: NumPy arrays (the ``data``
+# matrix), pickled through NumPy's reconstructor (``numpy.core`` before NumPy 2, ``numpy._core`` since) and,
+# for files written by Python 3 with protocol 2, bytes through ``_codecs.encode``. Nothing else is needed, so
+# nothing else is allowed: unpickling may call any global it names (Python docs, "Restricting Globals").
+_CIFAR_GLOBALS: frozenset[tuple[str, str]] = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"),  # protocol 5
+    ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),
+})
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only the types CIFAR-10's python batches hold; refuses any other global, naming it."""
+
+    def __init__(self, fh: Any) -> None:
+        super().__init__(fh, encoding="bytes")
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(
+                f"refusing to unpickle {module}.{name}: a CIFAR-10 batch holds only dicts, lists, bytes, ints and "
+                "NumPy arrays"
+            )
+        return super().find_class(module, name)
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("refusing a persistent id (a CIFAR-10 batch has none)")
+
+
 def load_cifar10(root: str | os.PathLike[str], *, test_fraction: float | None = None) -> ClassificationData:
     """Load CIFAR-10's "python version" (``cifar-10-batches-py``): pickled dicts ``data_batch_1..5`` and
     ``test_batch`` with ``b"data"`` (uint8, ``N x 3072``, channel-major 32x32) and ``b"labels"``.
@@ -147,6 +181,10 @@ def load_cifar10(root: str | os.PathLike[str], *, test_fraction: float | None = 
     [0, 1] and standardised per channel with the training statistics. ``test_fraction`` is ignored when
     ``test_batch`` exists; without it, that fraction of the training rows becomes the test set.
     Format: https://www.cs.toronto.edu/~kriz/cifar.html
+
+    The batches are read with a restricted unpickler that accepts only what they contain (dicts, lists,
+    bytes, ints, NumPy arrays): a file naming any other class or function is refused with a ``ValueError``
+    naming it, before anything in it runs.
     """
     root = os.fspath(root)
     names = sorted(n for n in os.listdir(root) if re.fullmatch(r"data_batch_\d+", n))
@@ -154,8 +192,14 @@ def load_cifar10(root: str | os.PathLike[str], *, test_fraction: float | None = 
         raise FileNotFoundError(f"no data_batch_* files in {root!r} (expected CIFAR-10's python batches)")
 
     def read(name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        with open(os.path.join(root, name), "rb") as fh:
-            d = pickle.load(fh, encoding="bytes")
+        path = os.path.join(root, name)
+        with open(path, "rb") as fh:
+            try:
+                d = _CifarUnpickler(fh).load()
+            except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as err:
+                raise ValueError(f"{path}: not a CIFAR python batch ({err})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: not a CIFAR python batch (holds a {type(d).__name__}, not a dict)")
         data, labels = d.get(b"data"), d.get(b"labels", d.get(b"fine_labels"))
         if data is None or labels is None:
             raise ValueError(f"{name}: not a CIFAR python batch (needs b'data' and b'labels')")

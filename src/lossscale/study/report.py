@@ -26,6 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from .configs import CONFIG_NAMES
+from .files import atomic_write, contained
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -33,6 +34,7 @@ __all__ = [
     "SchemaError",
     "validate",
     "load_results",
+    "check_names",
     "write_results",
     "summarise",
     "summary_rows",
@@ -195,28 +197,52 @@ def validate(doc: Any, schema: Mapping[str, Any] = RESULTS_SCHEMA, path: str = "
             validate(value, schema["items"], f"{path}[{i}]")
 
 
+def check_names(doc: Mapping[str, Any]) -> None:
+    """Check that every task and configuration ``doc`` names is a known one and that no run appears twice;
+    a :class:`SchemaError` naming the offenders otherwise. (A task name becomes part of the report's file
+    names: an unknown one is refused before anything is written.)"""
+    from .tasks import TASKS
+
+    known_configs = set(CONFIG_NAMES)
+    named_tasks = list(doc["config"]["tasks"]) + [r["task"] for r in doc["runs"]]
+    bad_tasks = sorted({str(t) for t in named_tasks if t not in TASKS})
+    if bad_tasks:
+        raise SchemaError(
+            f"unknown task(s) {', '.join(repr(t) for t in bad_tasks)}; known tasks: {', '.join(TASKS)}"
+        )
+    named_configs = list(doc["config"]["configs"]) + [r["config"] for r in doc["runs"]]
+    bad_configs = sorted({str(c) for c in named_configs if c not in known_configs})
+    if bad_configs:
+        raise SchemaError(f"unknown configuration(s) {', '.join(repr(c) for c in bad_configs)}")
+    seen: set[tuple[str, str, int]] = set()
+    dups: list[str] = []
+    for r in doc["runs"]:
+        key = (r["task"], r["config"], int(r["seed"]))
+        if key in seen:
+            dups.append(f"{key[0]} {key[1]} seed {key[2]}")
+        seen.add(key)
+    if dups:
+        raise SchemaError(f"duplicate run(s): {', '.join(dict.fromkeys(dups))} (each run must appear once)")
+
+
 def load_results(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read and validate a results.json."""
+    """Read a results.json and check it: the schema (:func:`validate`), then known task and configuration
+    names and no duplicate runs (:func:`check_names`)."""
     with open(path, encoding="utf-8") as fh:
         doc = json.load(fh)
     validate(doc)
+    check_names(doc)
     return dict(doc)
 
 
 def write_results(path: str | os.PathLike[str], doc: Mapping[str, Any]) -> None:
-    """Validate and write atomically (a temporary file renamed over the old one), with the schema beside it
-    as ``results.schema.json``."""
+    """Validate and write atomically (a uniquely named temporary file renamed over the old one, so that a
+    reader never sees a partial file), with the schema beside it as ``results.schema.json``."""
     validate(doc)
     path = os.fspath(path)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(doc, fh, indent=1, allow_nan=False)
-        fh.write("\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(doc, indent=1, allow_nan=False) + "\n")
     schema_path = os.path.join(os.path.dirname(path) or ".", "results.schema.json")
-    with open(schema_path, "w", encoding="utf-8") as fh:
-        json.dump(RESULTS_SCHEMA, fh, indent=1)
-        fh.write("\n")
+    atomic_write(schema_path, json.dumps(RESULTS_SCHEMA, indent=1) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -804,6 +830,15 @@ def findings(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
 _FORMAT_WINDOWS: tuple[tuple[str, str], ...] = (("bf16", "tab:blue"), ("fp16", "tab:orange"), ("e5m2", "tab:red"))
 
 
+def _savefig(fig: Any, outdir: str, fname: str) -> None:
+    """Save a figure as PNG inside ``outdir`` (checked), atomically."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    atomic_write(contained(outdir, fname), buf.getvalue())
+
+
 def _plots(doc: Mapping[str, Any], task: str, outdir: str) -> dict[str, str]:
     """Write the task's three PNGs into ``outdir``; returns {kind: file name}."""
     import matplotlib
@@ -842,7 +877,7 @@ def _plots(doc: Mapping[str, Any], task: str, outdir: str) -> dict[str, str]:
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     files["loss"] = f"{task}_loss.png"
-    fig.savefig(os.path.join(outdir, files["loss"]), dpi=90)
+    _savefig(fig, outdir, files["loss"])
     plt.close(fig)
 
     # 2. Loss-scale trajectories with skipped steps.
@@ -866,7 +901,7 @@ def _plots(doc: Mapping[str, Any], task: str, outdir: str) -> dict[str, str]:
         ax.legend(fontsize=7)
     fig.tight_layout()
     files["scale"] = f"{task}_scale.png"
-    fig.savefig(os.path.join(outdir, files["scale"]), dpi=90)
+    _savefig(fig, outdir, files["scale"])
     plt.close(fig)
 
     # 3. FP32 activation-gradient exponent histogram against each format's window.
@@ -892,7 +927,7 @@ def _plots(doc: Mapping[str, Any], task: str, outdir: str) -> dict[str, str]:
     ax.legend(fontsize=7, loc="center left")
     fig.tight_layout()
     files["hist"] = f"{task}_grad_hist.png"
-    fig.savefig(os.path.join(outdir, files["hist"]), dpi=90)
+    _savefig(fig, outdir, files["hist"])
     plt.close(fig)
     return files
 
@@ -916,7 +951,10 @@ def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def write_report(doc: Mapping[str, Any], outdir: str | os.PathLike[str]) -> dict[str, str]:
     """Write ``report.md``, ``report.html`` (images inline as data URIs) and the PNGs into ``outdir``;
-    returns ``{"md": path, "html": path}``."""
+    returns ``{"md": path, "html": path}``. Refuses (:class:`SchemaError`, before writing anything) a
+    document naming an unknown task or configuration or holding a run twice; every file written is checked
+    to resolve inside ``outdir``."""
+    check_names(doc)
     outdir = os.fspath(outdir)
     os.makedirs(outdir, exist_ok=True)
     cfg, env = doc["config"], doc["environment"]
@@ -943,7 +981,7 @@ def write_report(doc: Mapping[str, Any], outdir: str | os.PathLike[str]) -> dict
 
     def image(fname: str, alt: str) -> None:
         md.append(f"![{alt}]({fname})\n")
-        with open(os.path.join(outdir, fname), "rb") as fh:
+        with open(contained(outdir, fname), "rb") as fh:
             data = base64.b64encode(fh.read()).decode("ascii")
         hb.append(f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"/>'
                   f"<figcaption>{html.escape(alt)}</figcaption></figure>")
@@ -1056,18 +1094,17 @@ def write_report(doc: Mapping[str, Any], outdir: str | os.PathLike[str]) -> dict
             para("**Where the data contradict common belief:** " + " ".join(f["contradicts"]))
 
     md_path = os.path.join(outdir, "report.md")
-    with open(md_path, "w", encoding="utf-8") as fh:
-        fh.write("\n".join(md))
+    atomic_write(contained(outdir, "report.md"), "\n".join(md))
     style = (
         "body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}table{border-collapse:collapse;"
         "font-size:90%}td,th{border:1px solid #bbb;padding:2px 6px;text-align:left}img{max-width:100%}"
     )
     html_path = os.path.join(outdir, "report.html")
-    with open(html_path, "w", encoding="utf-8") as fh:
-        fh.write(
-            f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>lossscale study</title>"
-            f"<style>{style}</style></head><body>{''.join(hb)}</body></html>\n"
-        )
+    atomic_write(
+        contained(outdir, "report.html"),
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>lossscale study</title>"
+        f"<style>{style}</style></head><body>{''.join(hb)}</body></html>\n",
+    )
     return {"md": md_path, "html": html_path}
 
 

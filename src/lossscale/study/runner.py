@@ -496,10 +496,46 @@ def run_one(spec: RunSpec, *, on_step: Callable[[int, int], None] | None = None)
 # Many runs
 
 
-def _init_worker(threads: int) -> None:
+# How often a worker checks that the study that started it is still alive (seconds).
+_WATCHDOG_INTERVAL = 0.5
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """Exit this worker as soon as its parent is gone. A SIGKILLed parent cannot tell its workers to stop,
+    and they would otherwise train on (each holding the pool's queues, so none ever sees end-of-file): when
+    the parent dies the worker is re-parented, so ``os.getppid()`` changes, on every POSIX system. On
+    Windows, where there is no re-parenting, the parent's PID is polled instead."""
+    while True:
+        time.sleep(_WATCHDOG_INTERVAL)
+        if os.name == "posix":
+            gone = os.getppid() != parent_pid
+        else:  # pragma: no cover - Windows
+            gone = not _pid_alive(parent_pid)
+        if gone:
+            os._exit(70)  # no cleanup to run: the parent owns every file the study writes
+
+
+def _pid_alive(pid: int) -> bool:  # pragma: no cover - Windows only
+    import ctypes
+
+    kernel32 = ctypes.windll.kernel32  # type: ignore[attr-defined]
+    handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+    if not handle:
+        return False
+    code = ctypes.c_ulong()
+    kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
+    kernel32.CloseHandle(handle)
+    return code.value == 259  # STILL_ACTIVE
+
+
+def _init_worker(threads: int, parent_pid: int | None = None) -> None:
     torch.set_num_threads(threads)
     # Keep BLAS pools at one thread as well (set before they spin up in the fresh spawned process).
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    if parent_pid is not None:
+        import threading
+
+        threading.Thread(target=_watch_parent, args=(parent_pid,), name="lossscale-watchdog", daemon=True).start()
 
 
 def _run_in_worker(spec: RunSpec) -> dict[str, Any]:
@@ -514,10 +550,13 @@ def run_study(
     done: Iterable[dict[str, Any]] = (),
     on_record: Callable[[dict[str, Any]], None] | None = None,
     progress: bool = True,
+    run: Callable[[RunSpec], dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Run ``specs`` (skipping those whose key is among the ``done`` records) and return all records, done
     ones first. ``on_record(record)`` is called after each finished run (the CLI writes results.json
-    there). ``workers > 1`` uses spawned processes with ``threads`` threads each."""
+    there). ``workers > 1`` uses spawned processes with ``threads`` threads each; each worker exits within
+    about a second of its parent's death, however the parent dies (SIGKILL included). ``run`` replaces
+    :func:`run_one` (a module-level function, so that workers can import it)."""
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     if threads < 1:
@@ -558,13 +597,14 @@ def run_study(
                 for spec in todo:
                     if bar is not None:
                         bar.update(task_id, description=f"{spec.task} {spec.config} seed {spec.seed} ...")
-                    finished(run_one(spec))
+                    finished((run or run_one)(spec))
             finally:
                 torch.set_num_threads(old)
         else:
             ctx = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(
-                max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)
+                max_workers=min(workers, len(todo)), mp_context=ctx, initializer=_init_worker,
+                initargs=(threads, os.getpid()),
             ) as pool:
                 # Submit in order, at most `workers` in flight, so results.json fills in task order.
                 pending: dict[Future[dict[str, Any]], RunSpec] = {}
@@ -572,7 +612,7 @@ def run_study(
                 while queue or pending:
                     while queue and len(pending) < workers:
                         spec = queue.pop(0)
-                        pending[pool.submit(_run_in_worker, spec)] = spec
+                        pending[pool.submit(run or _run_in_worker, spec)] = spec
                     ready, _ = wait(list(pending), return_when=FIRST_COMPLETED)
                     for fut in ready:
                         pending.pop(fut)
