@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import zlib
 
 import numpy as np
 import pytest
@@ -58,6 +59,36 @@ def _spread(shape: tuple[int, ...], binades: int, seed: int) -> torch.Tensor:
     return torch.randn(shape, generator=g) * torch.exp2(k)
 
 
+def _torchao_rceil_inexact_blocks(x: torch.Tensor, name: str, mode: str) -> torch.Tensor:
+    """Blocks where torchao's eager rceil scale differs from the exact rule: torchao takes
+    ``ceil(log2(amax / max))`` with an FP32 ``log2``, which rounds to an integer when ``amax / max`` lies within
+    about 2^-21 above a power of two, so its scale is one binade too small there. The hardware it emulates
+    (``cvt.rp.satfinite.ue8m0x2.f32``, round toward +inf) and lossscale take the exact ceiling."""
+    if mode != "rceil":
+        return torch.zeros(0, dtype=torch.bool)
+    emax = BLOCK_PRESETS[name].element.max
+    descale = x.reshape(-1, 32).abs().amax(-1) / emax
+    mant, exp = torch.frexp(descale)
+    exact = torch.where(mant == 0.5, exp - 1, exp)
+    return torch.ceil(torch.log2(descale)).to(exact.dtype) != exact
+
+
+def test_rceil_takes_the_exact_ceiling_where_torchao_log2_rounds() -> None:
+    # amax / 6 = 16777226.67 = 2^24 (1 + 4e-7): torchao's FP32 log2 gives exactly 24, so its scale is 2^24 and
+    # the block's max saturates; the exact ceiling (the hardware's round-up conversion) is 2^25.
+    block = torch.full((32,), 7367291.5)
+    block[0] = 100663360.0
+    assert _torchao_rceil_inexact_blocks(block, "mxfp4", "rceil").tolist() == [True]
+    scale = block_scales(block, "mxfp4", scale_mode="rceil")[0]
+    assert scale.int().tolist() == [127 + 25]
+    _, ref_scale = _torchao_mx(block.reshape(1, 32), "mxfp4", "rceil")
+    assert ref_scale.flatten().tolist() == [127 + 24]  # torchao's eager fallback: one binade too small
+    q = quantize(block, "mxfp4", scale_mode="rceil")
+    assert q[0].item() == 3.0 * 2.0**25  # 100663360 / 2^25 = 3.0000019 rounds to the element 3
+    # Elements below a quarter of the scale round to 0 (E2M1's smallest subnormal is 0.5): 7367291.5 / 2^25
+    assert q[1].item() == 0.0
+
+
 def _edge_blocks(block: int, element_max: float, element_min_sub: float) -> torch.Tensor:
     """Rows of edge blocks: all zero; all at +-max; amax exactly a power of two; element subnormals after
     scaling; a single nonzero value; values that saturate under floor (amax mantissa above max's)."""
@@ -78,8 +109,9 @@ def _edge_blocks(block: int, element_max: float, element_min_sub: float) -> torc
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", list(MX))
 def test_mx_bitexact_torchao_random_60_binades(name: str, mode: str) -> None:
-    x = _spread((64, 512), 60, seed=hash(name + mode) % 1000)
+    x = _spread((64, 512), 60, seed=zlib.crc32((name + mode).encode()) % 1000)  # str hash() varies per process
     ref, ref_scale = _torchao_mx(x, name, mode)
+    assert _torchao_rceil_inexact_blocks(x, name, mode).sum() == 0  # seeds whose blocks avoid torchao's slip
     _assert_bits(quantize(x, name, scale_mode=mode), ref)
     assert torch.equal(block_scales(x, name, scale_mode=mode)[0], ref_scale)
     # A 3-d tensor and bfloat16 input take the same path.
