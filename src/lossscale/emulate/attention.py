@@ -58,6 +58,12 @@ def _sdpa(
     projected: bool = False,
 ) -> torch.Tensor:
     L, S = q.size(-2), k.size(-2)
+    if L == 0 or S == 0:
+        # Nothing to round: torch's result is empty (no queries) or zeros (no keys), exact in any format.
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+            enable_gqa=enable_gqa,
+        )
     scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
     # projected: q, k, v are views of rounded in-projection results (multi-head attention).
     operand = emu.result_operand if projected else emu.operand
