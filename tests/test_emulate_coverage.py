@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.checkpoint import checkpoint, checkpoint_sequential  # noqa: F401  (used below)
+from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 
 import lossscale
 from lossscale.emulate.mode import UnemulatedOpError
@@ -417,3 +417,111 @@ def test_direct_aten_calls_are_emulated() -> None:
     leaves = _leaves(((5, 6), (6, 4), (4,)))
     audit = audited_step(lambda: torch.ops.aten.addmm(leaves[2], leaves[0], leaves[1]), "bf16-mixed", leaves)
     assert audit.calls and not audit.bad
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Activation checkpointing: gradients bit-identical to the same emulation without checkpointing.
+
+
+def _stack(island: bool = True) -> nn.Sequential:
+    torch.manual_seed(3)
+    blocks = [GPTBlock(), GPTBlock(einsum=True), XLNetLike(), FP32Island(), GPTBlock()]
+    return nn.Sequential(*(b for b in blocks if island or not isinstance(b, FP32Island)))
+
+
+class FP32Island(nn.Module):
+    """A block with a region where the model turns autocast off (as transformers' rotary embeddings do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(32, 32), nn.Linear(32, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", enabled=False):
+            y = self.a(x)
+        return x + self.b(torch.tanh(y))
+
+
+class XLNetLike(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.att = XLNetAttention()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, t, d) -> (b, t, d)
+        y = x.transpose(0, 1)
+        return x + self.att(y, y).transpose(0, 1)
+
+
+def _ckpt_grads(model: nn.Sequential, how: str, recipe: str = "bf16-mixed") -> list[torch.Tensor]:
+    model.zero_grad()
+    x = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    with lossscale.autocast(recipe, emulate=True):
+        if how == "none":
+            y = model(x)
+        elif how in ("reentrant", "non_reentrant"):
+            y = x
+            for block in model:
+                y = checkpoint(block, y, use_reentrant=how == "reentrant")
+        else:
+            y = checkpoint_sequential(model, 2, x, use_reentrant=how == "sequential_reentrant")
+    y.pow(2).mean().backward()  # outside the context, as training loops do
+    return [p.grad.clone() for p in model.parameters()] + [x.grad.clone()]  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("how", ["reentrant", "non_reentrant", "sequential", "sequential_reentrant"])
+def test_checkpoint_gradients_bit_identical(how: str, recipe: str) -> None:
+    model = _stack()
+    ref = _ckpt_grads(model, "none", recipe)
+    got = _ckpt_grads(model, how, recipe)
+    assert all(torch.equal(a, b) for a, b in zip(ref, got, strict=True))
+
+
+@pytest.mark.parametrize("how", ["reentrant", "non_reentrant"])
+def test_checkpoint_audit(how: str) -> None:
+    model = _stack(island=False)  # the FP32 island's GEMMs are FP32 on purpose
+    audit = GemmAudit("bf16-mixed")
+    with audit:
+        _ckpt_grads(model, how)
+    assert audit.calls and not audit.bad, audit.bad[:5]
+
+
+@pytest.mark.parametrize("how", ["reentrant", "non_reentrant"])
+def test_checkpoint_negative_control(how: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the re-entry switched off the recomputation runs in FP32: the gradients differ (reentrant) or
+    torch's checkpoint refuses the mismatching recomputation (non-reentrant)."""
+    model = _stack()
+    ref = _ckpt_grads(model, "none")
+    monkeypatch.setattr(lossscale.emulate.mode, "_bind_checkpoint", lambda emu: None)
+    if how == "reentrant":
+        got = _ckpt_grads(model, how)
+        assert sum(not torch.equal(a, b) for a, b in zip(ref, got, strict=True)) > len(ref) // 2
+    else:
+        with pytest.raises(torch.utils.checkpoint.CheckpointError):
+            _ckpt_grads(model, how)
+
+
+def test_transformers_gradient_checkpointing() -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(
+        vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config)
+    model.train()
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+
+    def grads() -> list[torch.Tensor]:
+        model.zero_grad()
+        with lossscale.autocast("bf16-mixed", emulate=True):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    ref = grads()
+    model.gradient_checkpointing_enable()
+    assert model.is_gradient_checkpointing
+    got = grads()
+    assert len(got) == len(ref) > 20
+    assert all(torch.equal(a, b) for a, b in zip(ref, got, strict=True))

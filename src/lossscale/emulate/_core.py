@@ -151,7 +151,9 @@ class Emulator:
         # tensors native, tensors on other devices emulated): ops on it are left to torch.autocast.
         self.native_device_type: str | None = None
         self.strict = False  # raise on GEMM-class ops that cannot be emulated (lossscale.autocast strict=)
-        self.autocast_nesting = 0  # torch.autocast's nesting depth when the emulation was entered
+        # torch.autocast's nesting depth at entry (None: take it at the first handled op, replay_depth below).
+        self.autocast_nesting: int | None = 0
+        self.replay_depth = 0
         self.module_stack: list[str] = []
         # Like torch.autocast's cast cache: a leaf tensor that requires grad (a weight) is rounded once per
         # context, so that all its uses share one rounded copy and its gradient is rounded once.

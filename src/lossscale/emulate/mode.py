@@ -12,6 +12,7 @@ through, so handlers can call torch ops (and outer modes) without being intercep
 
 from __future__ import annotations
 
+import sys
 import threading
 import warnings
 from collections.abc import Callable
@@ -219,6 +220,7 @@ class _EmulationMode(TorchFunctionMode):
         device = _first_tensor_device_type(args)
         if emu.native_device_type is not None and device == emu.native_device_type:
             return func(*args, **kwargs)  # torch.autocast handles this device natively
+        _bind_checkpoint(emu)
         if device is not None and _autocast_disabled_inside(emu, device):
             return func(*args, **kwargs)  # torch.autocast(device, enabled=False) inside: FP32, as on CUDA
         local.busy += 1
@@ -228,6 +230,103 @@ class _EmulationMode(TorchFunctionMode):
             return entry[1](emu, func, args, kwargs)
         finally:
             local.busy -= 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Activation checkpointing: the recomputation re-enters the emulation that ran the forward.
+#
+# torch.utils.checkpoint recomputes a segment's forward during backward, re-entering only torch's own
+# autocast state. The emulation binds itself to the checkpoint when one of its ops first runs inside the
+# segment: reentrant (CheckpointFunction, forward under no_grad): the checkpoint's ``ctx.run_function`` is
+# wrapped; non-reentrant (saved-tensor hooks): the checkpoint frame's ``recompute_fn`` is wrapped. The wrapper
+# re-enters a copy of the emulator (same precision, counters, strictness; its own weight cache), so the
+# recomputation runs the same rounding sites and the gradients are those of the un-checkpointed run. This reads
+# two attributes of torch.utils.checkpoint's private objects; where they are not found, the segment raises
+# instead of producing un-emulated gradients (checked at every handled op inside a checkpoint).
+
+_BOUND = "_lossscale_emulation"
+
+
+class _Reentered:
+    """Context that re-enters a copy of ``emu`` (and the function mode) for a checkpoint recomputation."""
+
+    def __init__(self, emu: Emulator, depth: int) -> None:
+        self.emu, self.depth = emu, depth
+
+    def __enter__(self) -> None:
+        src = self.emu
+        emu = Emulator(src.precision, src.counters)
+        emu.strict, emu.native_device_type = src.strict, src.native_device_type
+        emu.autocast_nesting, emu.replay_depth = None, self.depth
+        self._mode = _EmulationMode()
+        _LOCAL.stack.append(emu)
+        self._busy, _LOCAL.busy = _LOCAL.busy, 0
+        self._mode.__enter__()  # type: ignore[no-untyped-call]
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self._mode.__exit__(*exc)  # type: ignore[no-untyped-call]
+        finally:
+            _LOCAL.stack.pop()
+            _LOCAL.busy = self._busy
+
+
+def _reentering(fn: Callable[..., Any], emu: Emulator) -> Callable[..., Any]:
+    # The autocast depth of the first handled op relative to the region, replayed in the recomputation.
+    depth = _nesting() - (emu.autocast_nesting or 0)
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with _Reentered(emu, depth):
+            return fn(*args, **kwargs)
+
+    setattr(run, _BOUND, True)
+    return run
+
+
+def _checkpoint_forward_code() -> Any:
+    module = sys.modules.get("torch.utils.checkpoint")
+    fn = getattr(getattr(module, "CheckpointFunction", None), "forward", None)
+    return getattr(fn, "__code__", None)
+
+
+def _bind_checkpoint(emu: Emulator) -> None:
+    if torch.is_grad_enabled():
+        hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        if hooks is None or "_checkpoint_hook" not in getattr(hooks[0], "__qualname__", ""):
+            return
+        frame = next(
+            (c.cell_contents for c in hooks[0].__closure__ or () if hasattr(c.cell_contents, "recompute_fn")),
+            None,
+        )
+        if frame is None:
+            raise RuntimeError(
+                "lossscale emulation inside torch.utils.checkpoint (use_reentrant=False): this torch version's "
+                "checkpoint frame has no recompute_fn to re-enter the emulation in; the recomputation would "
+                "not be emulated. Checkpoint outside the emulated region or use use_reentrant=True"
+            )
+        if not getattr(frame.recompute_fn, _BOUND, False):
+            frame.recompute_fn = _reentering(frame.recompute_fn, emu)
+        return
+    code = _checkpoint_forward_code()
+    if code is None:
+        return
+    f: Any = sys._getframe(2)
+    for _ in range(64):  # the checkpointed function runs a few frames below CheckpointFunction.forward
+        if f is None:
+            return
+        if f.f_code is code:
+            ctx = f.f_locals.get("ctx")
+            run = getattr(ctx, "run_function", None)
+            if run is None:
+                raise RuntimeError(
+                    "lossscale emulation inside torch.utils.checkpoint (use_reentrant=True): this torch "
+                    "version's CheckpointFunction has no run_function to re-enter the emulation in; the "
+                    "recomputation would not be emulated. Use use_reentrant=False"
+                )
+            if not getattr(run, _BOUND, False):
+                ctx.run_function = _reentering(run, emu)
+            return
+        f = f.f_back
 
 
 def _nesting() -> int:
@@ -241,8 +340,12 @@ def _autocast_disabled_inside(emu: Emulator, device: str) -> bool:
     """Whether a ``torch.autocast(device, enabled=False)`` entered inside this emulated region is active.
 
     Every ``torch.autocast`` context (enabled or not) raises torch's autocast nesting depth; the emulation
-    records the depth at entry, so a deeper level with autocast disabled for the tensors' device is a region
-    the model runs in FP32 on purpose (transformers' ``maybe_autocast``, rotary embeddings, ...)."""
+    records the depth at entry, so a deeper level with autocast off for the tensors' device is a region the
+    model runs in FP32 on purpose (transformers' ``maybe_autocast``, rotary embeddings, ...). In a
+    checkpoint recomputation, which enters autocast contexts of its own, the base depth is taken at the
+    first handled op, minus that op's depth relative to the region in forward."""
+    if emu.autocast_nesting is None:
+        emu.autocast_nesting = _nesting() - emu.replay_depth
     return _nesting() > emu.autocast_nesting and not torch.is_autocast_enabled(device)
 
 
