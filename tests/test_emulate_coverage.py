@@ -525,3 +525,64 @@ def test_transformers_gradient_checkpointing() -> None:
     got = grads()
     assert len(got) == len(ref) > 20
     assert all(torch.equal(a, b) for a, b in zip(ref, got, strict=True))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# torch.compile: runs eagerly inside the emulation, with one warning; numbers equal eager emulation.
+
+
+@pytest.mark.slow  # importing torch._dynamo and tracing take 30+ s on two shared cores
+def test_compiled_module_runs_eagerly_with_one_warning() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8))
+    compiled = torch.compile(model)
+    x = torch.randn(16, 32, generator=torch.Generator().manual_seed(1))
+
+    def steps(m: nn.Module) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        for _ in range(20):
+            with lossscale.autocast("bf16-mixed", emulate=True):
+                y = m(x)
+            y.sum().backward()
+        return y.detach(), [p.grad.clone() for p in model.parameters()]  # type: ignore[union-attr]
+
+    lossscale.emulate.mode._LOCAL.compile_warned = False
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y_c, g_c = steps(compiled)
+    ours = [w for w in caught if "torch.compile" in str(w.message)]
+    assert len(ours) == 1 and "eagerly" in str(ours[0].message)
+    assert not any("recompile" in str(w.message) for w in caught)
+    y_e, g_e = steps(model)
+    assert torch.equal(y_c, y_e) and all(torch.equal(a, b) for a, b in zip(g_c, g_e, strict=True))
+    assert torch.equal(quantize_bf16(y_e), y_e)  # emulated, not FP32
+
+
+def quantize_bf16(x: torch.Tensor) -> torch.Tensor:
+    return x.bfloat16().float()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The covered-op list in docs/emulation.md is the code's table.
+
+
+def test_docs_list_the_covered_ops() -> None:
+    from pathlib import Path
+
+    from lossscale.emulate.mode import covered_ops
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "emulation.md").read_text()
+    start = doc.index("<!-- covered-ops:start")
+    end = doc.index("<!-- covered-ops:end -->")
+    listed = sorted(
+        name.strip().strip("`") for name in doc[start:end].split("-->", 1)[1].replace("\n", " ").split(",")
+        if name.strip()
+    )
+    assert listed == covered_ops()
+    aten_start = doc.index("<!-- aten-gemms:start")
+    aten_end = doc.index("<!-- aten-gemms:end -->")
+    aten_listed = sorted(
+        n.strip().strip("`") for n in doc[aten_start:aten_end].split("-->", 1)[1].replace("\n", " ").split(",")
+        if n.strip()
+    )
+    assert aten_listed == sorted(lossscale.emulate.aten.GEMM_ATEN)

@@ -38,6 +38,7 @@ class _Local(threading.local):
     def __init__(self) -> None:
         self.stack: list[Emulator | None] = []
         self.busy = 0
+        self.compile_warned = False
 
 
 _LOCAL = _Local()
@@ -221,6 +222,13 @@ class _EmulationMode(TorchFunctionMode):
         if emu.native_device_type is not None and device == emu.native_device_type:
             return func(*args, **kwargs)  # torch.autocast handles this device natively
         _bind_checkpoint(emu)
+        if not _LOCAL.compile_warned and _in_compiled_module():
+            _LOCAL.compile_warned = True
+            warnings.warn(
+                "lossscale emulation: a torch.compile'd module runs eagerly inside lossscale.autocast (the "
+                "emulation is not compiled into the graph; results are those of eager emulation)",
+                RuntimeWarning, stacklevel=3,
+            )
         if device is not None and _autocast_disabled_inside(emu, device):
             return func(*args, **kwargs)  # torch.autocast(device, enabled=False) inside: FP32, as on CUDA
         local.busy += 1
@@ -327,6 +335,12 @@ def _bind_checkpoint(emu: Emulator) -> None:
                 ctx.run_function = _reentering(run, emu)
             return
         f = f.f_back
+
+
+def _in_compiled_module() -> bool:
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    probe = getattr(eval_frame, "_is_in_optimized_module", None)
+    return bool(probe()) if probe is not None else False
 
 
 def _nesting() -> int:
@@ -507,6 +521,7 @@ class Autocast:
         self._native: torch.autocast | None = None
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._depth = 0
+        self._stance: Any = None
 
     def __enter__(self) -> Autocast:
         if self._depth:
@@ -524,6 +539,9 @@ class Autocast:
                 self._native = torch.autocast(self.device_type, dtype=self._dtype)
                 self._native.__enter__()  # type: ignore[no-untyped-call]
             emu.autocast_nesting = _nesting()
+            # torch.compile'd code runs eagerly inside the emulation (see docs/emulation.md, torch.compile).
+            self._stance = torch.compiler.set_stance("force_eager")
+            self._stance.__enter__()
             self._mode = _EmulationMode()
             self._mode.__enter__()  # type: ignore[no-untyped-call]
         else:
@@ -545,7 +563,10 @@ class Autocast:
                 self._mode.__exit__(exc_type, exc, tb)  # type: ignore[no-untyped-call]
             if self._native is not None:
                 self._native.__exit__(exc_type, exc, tb)
+            if self._stance is not None:
+                self._stance.__exit__(exc_type, exc, tb)
         finally:
+            self._stance = None
             _LOCAL.stack.pop()
             for handle in self._hooks:
                 handle.remove()
