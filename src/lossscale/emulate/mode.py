@@ -360,7 +360,12 @@ def _autocast_disabled_inside(emu: Emulator, device: str) -> bool:
     first handled op, minus that op's depth relative to the region in forward."""
     if emu.autocast_nesting is None:
         emu.autocast_nesting = _nesting() - emu.replay_depth
-    return _nesting() > emu.autocast_nesting and not torch.is_autocast_enabled(device)
+    if _nesting() <= emu.autocast_nesting:
+        return False
+    try:
+        return not torch.is_autocast_enabled(device)
+    except RuntimeError:  # a device type torch.autocast does not know: nothing can disable it
+        return False
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -402,7 +407,9 @@ def _unknown_kind(func: Any) -> str | None:
 
 def _gemm_like(name: str) -> bool:
     words = [w for w in name.lower().split("_") if w]
-    return any(w in _GEMM_WORDS or w.endswith("mm") or w.startswith("conv") for w in words)
+    return any(
+        w in _GEMM_WORDS or w.endswith("mm") or (w.startswith("conv") and not w.startswith("convert")) for w in words
+    )
 
 
 def _op_name(func: Any) -> str:
