@@ -167,16 +167,25 @@ class Emulator:
         return f"{self.module_stack[-1]}:{base}" if self.module_stack else base
 
     def quantize(
-        self, x: torch.Tensor, fmt: FloatFormat, site: str, info: Operand, *, scaled: bool = False
+        self,
+        x: torch.Tensor,
+        fmt: FloatFormat,
+        site: str,
+        info: Operand,
+        *,
+        scaled: bool = False,
+        count: bool = True,
     ) -> torch.Tensor:
         """THE entry point through which every emulated rounding passes (operands, results, gradients, in
         forward and backward, and the aten-level rounding inside composite ops): round ``x`` to ``fmt``
         (with per-tensor power-of-two scaling if ``scaled``), counting at ``site``. ``info`` says which op,
         role, phase and reduction dimensions the tensor has; the built-in rounding ignores it, and a
-        block-scaled quantizer (MX, NVFP4, row-wise FP8) replaces this method and uses it. Does not sync."""
+        block-scaled quantizer (MX, NVFP4, row-wise FP8) replaces this method and uses it. ``count=False``:
+        a recomputation of a rounding already counted (flash attention's backward). Does not sync."""
+        counters = self.counters if count else None
         if scaled:
-            return scaled_round(x, fmt, site, self.counters)
-        return round_to(x, fmt, site, self.counters)
+            return scaled_round(x, fmt, site, counters)
+        return round_to(x, fmt, site, counters)
 
     def site(
         self,
