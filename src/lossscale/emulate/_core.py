@@ -16,6 +16,7 @@ while autograd runs the op's own FP32 backward in between (exact products, FP32 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -115,13 +116,21 @@ class _Site(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None, None, None, None]:
         if ctx.bwd is not None and g is not None:
-            info: Operand = ctx.info
-            binfo = dataclasses.replace(
-                info, phase="backward", gemm_operand=not info.gemm_operand,
-                reduction_dims=_BACKWARD_REDUCTION.get(info.role) if not info.gemm_operand else None,
-            )
-            g = ctx.emu.quantize(g, ctx.bwd, ctx.site + ".grad", binfo)
+            g = ctx.emu.quantize(g, ctx.bwd, ctx.site + ".grad", _backward_info(ctx.info))
         return g, None, None, None, None, None, None
+
+
+@functools.lru_cache(maxsize=4096)
+def _info(op: str, role: str, phase: str, dims: tuple[int, ...] | None, gemm_operand: bool) -> Operand:
+    return Operand(op, role, phase, dims, gemm_operand)  # cached: sites are created per op call
+
+
+@functools.lru_cache(maxsize=4096)
+def _backward_info(info: Operand) -> Operand:
+    """What the backward rounding at a site rounds: at an operand site the dgrad/wgrad result (not an operand),
+    at a result site the gradient entering the backward GEMMs (an operand)."""
+    dims = None if info.gemm_operand else _BACKWARD_REDUCTION.get(info.role)
+    return _info(info.op, info.role, "backward", dims, not info.gemm_operand)
 
 
 # A result's gradient enters the dgrad GEMM (reduced over the output features, the last dim) and the wgrad
@@ -202,7 +211,7 @@ class Emulator:
             return x
         name = self._site_name(op, role)
         if info is None:
-            info = Operand(op, role, gemm_operand=False)
+            info = _info(op, role, "forward", None, False)
         if torch.is_grad_enabled() and x.requires_grad:
             out: torch.Tensor = _Site.apply(x, fwd, scaled, bwd, name, self, info)  # type: ignore[no-untyped-call]
             return out
@@ -227,7 +236,7 @@ class Emulator:
     ) -> torch.Tensor:
         """A GEMM operand: compute format (with per-tensor scaling) forward, output format backward.
         ``reduction_dims``: the dims of ``x`` the GEMM reduces over (told to :meth:`quantize`)."""
-        info = Operand(op, role, "forward", reduction_dims, True)
+        info = _info(op, role, "forward", reduction_dims, True)
         return self._cached(
             x, "operand", lambda: self.site(x, op, role, self.compute, self.output, self.scaled, info)
         )

@@ -547,8 +547,10 @@ class Autocast:
                 self._native.__enter__()  # type: ignore[no-untyped-call]
             emu.autocast_nesting = _nesting()
             # torch.compile'd code runs eagerly inside the emulation (see docs/emulation.md, torch.compile).
-            self._stance = torch.compiler.set_stance("force_eager")
-            self._stance.__enter__()
+            # Nothing can be compiled before torch._dynamo is imported: then skip (importing it takes seconds).
+            if "torch._dynamo" in sys.modules:
+                self._stance = torch.compiler.set_stance("force_eager")
+                self._stance.__enter__()
             self._mode = _EmulationMode()
             self._mode.__enter__()  # type: ignore[no-untyped-call]
         else:
