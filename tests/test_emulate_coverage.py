@@ -586,3 +586,19 @@ def test_docs_list_the_covered_ops() -> None:
         if n.strip()
     )
     assert aten_listed == sorted(lossscale.emulate.aten.GEMM_ATEN)
+
+
+def test_unhandled_gemm_named_torch_function_is_loud() -> None:
+    """A torch function without a handler whose name says GEMM (here linalg.vecdot) is warned and counted,
+    and refused under strict=True."""
+    a, b = torch.randn(4, 8), torch.randn(4, 8)
+    with pytest.raises(UnemulatedOpError, match="vecdot"):
+        with lossscale.autocast("bf16-mixed", emulate=True, strict=True):
+            torch.linalg.vecdot(a, b)
+    counters = lossscale.RoundingCounters()
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        with lossscale.autocast("bf16-mixed", emulate=True, counters=counters):
+            y = torch.linalg.vecdot(a, b)
+    assert torch.equal(y, torch.linalg.vecdot(a, b))  # ran in FP32
+    assert sum(n for op, n in counters.unemulated.items() if "vecdot" in op) == 1
