@@ -21,7 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 
 import lossscale
-from lossscale.emulate.mode import UnemulatedOpError
+from lossscale.emulate import UnemulatedOpError
 
 # GEMM-class aten ops and the positions of their GEMM operands (the rest of their floating arguments are
 # addends / bias, which enter the epilogue in the output format).
