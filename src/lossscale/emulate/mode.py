@@ -235,7 +235,10 @@ class _EmulationMode(TorchFunctionMode):
         try:
             if entry is None:
                 return _run_unknown(emu, func, kind, args, kwargs)
-            return entry[1](emu, func, args, kwargs)
+            # The handler's own torch calls skip __torch_function__ entirely (they would only pass through,
+            # busy being set): a few microseconds per call, which per-time-step handlers (RNNs) make up.
+            with torch._C.DisableTorchFunction():
+                return entry[1](emu, func, args, kwargs)
         finally:
             local.busy -= 1
 
