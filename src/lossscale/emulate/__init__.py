@@ -1,13 +1,14 @@
 """Emulated low-precision compute: FP32 arithmetic rounded where GPU hardware rounds.
 
 Public API: :func:`autocast` (:class:`Autocast`), :class:`RoundingCounters` (:class:`SiteCounts`),
-:func:`low_precision_weights` (:class:`LowPrecisionWeights`). See docs/emulation.md.
+:func:`low_precision_weights` (:class:`LowPrecisionWeights`), :class:`UnemulatedOpError`,
+:func:`covered_ops`. See docs/emulation.md.
 """
 
 from __future__ import annotations
 
 from .counters import RoundingCounters, SiteCounts
-from .mode import Autocast, autocast
+from .mode import Autocast, UnemulatedOpError, autocast, covered_ops
 from .recipes import RecipeCounts, RecipeState
 from .weights import LowPrecisionWeights, low_precision_weights
 
@@ -20,4 +21,6 @@ __all__ = [
     "LowPrecisionWeights",
     "RecipeState",
     "RecipeCounts",
+    "UnemulatedOpError",
+    "covered_ops",
 ]

@@ -15,6 +15,8 @@ while autograd runs the op's own FP32 backward in between (exact products, FP32 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -25,9 +27,9 @@ from ..formats import FP32, FloatFormat
 from ..precision import Precision
 from ..quantize import quantize
 from .counters import RoundingCounters
-from .recipes import GEMMContext, RecipeGEMM, RecipeState, Role, recipe_site
+from .recipes import GEMMContext, Phase, RecipeGEMM, RecipeState, Role, recipe_operand, recipe_site
 
-__all__ = ["Emulator", "round_to", "scaled_round"]
+__all__ = ["Emulator", "Operand", "round_to", "scaled_round"]
 
 
 def round_to(
@@ -69,6 +71,30 @@ def scaled_round(
     return round_to(x * scale, fmt, site, counters) * inv
 
 
+@dataclasses.dataclass(frozen=True)
+class Operand:
+    """What :meth:`Emulator.quantize` is told about a tensor it rounds (the one entry point of all rounding).
+
+    Attributes:
+        op: the op the tensor enters or leaves (``"linear"``, ``"conv2d"``, ``"mm"`` inside an einsum, ...).
+        role: its role there: ``"input"``, ``"weight"``, ``"bias"``, ``"output"``, ``"probs"``, ... In
+            backward the role of the tensor whose gradient is rounded (``"output"``: dL/dy entering the dgrad
+            and wgrad GEMMs; ``"input"``/``"weight"``: the dgrad/wgrad results).
+        phase: ``"forward"`` or ``"backward"``.
+        reduction_dims: the dimensions of this tensor that the GEMM(s) it enters reduce over (negative
+            indices), or None where that is not one well-defined set (a result, an addend, an element-wise
+            op's operand). In backward a gradient entering both dgrad and wgrad GEMMs lists both.
+        gemm_operand: whether the tensor is a GEMM operand (True) or a result/addend rounded to the output
+            or grad format (False).
+    """
+
+    op: str
+    role: str
+    phase: str = "forward"
+    reduction_dims: tuple[int, ...] | None = None
+    gemm_operand: bool = True
+
+
 class _Site(torch.autograd.Function):
     """Round in forward (optionally with per-tensor scaling); round the gradient in backward."""
 
@@ -80,20 +106,37 @@ class _Site(torch.autograd.Function):
         scaled: bool,
         bwd: FloatFormat | None,
         site: str,
-        counters: RoundingCounters | None,
+        emu: Emulator,
+        info: Operand,
     ) -> torch.Tensor:
-        ctx.bwd, ctx.site, ctx.counters = bwd, site, counters
+        ctx.bwd, ctx.site, ctx.emu, ctx.info = bwd, site, emu, info
         if fwd is None:
             return x.view_as(x)
-        if scaled:
-            return scaled_round(x, fwd, site, counters)
-        return round_to(x, fwd, site, counters)
+        return emu.quantize(x, fwd, site, info, scaled=scaled)
 
     @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None, None, None]:
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None, None, None, None]:
         if ctx.bwd is not None and g is not None:
-            g = round_to(g, ctx.bwd, ctx.site + ".grad", ctx.counters)
-        return g, None, None, None, None, None
+            g = ctx.emu.quantize(g, ctx.bwd, ctx.site + ".grad", _backward_info(ctx.info))
+        return g, None, None, None, None, None, None
+
+
+@functools.lru_cache(maxsize=4096)
+def _info(op: str, role: str, phase: str, dims: tuple[int, ...] | None, gemm_operand: bool) -> Operand:
+    return Operand(op, role, phase, dims, gemm_operand)  # cached: sites are created per op call
+
+
+@functools.lru_cache(maxsize=4096)
+def _backward_info(info: Operand) -> Operand:
+    """What the backward rounding at a site rounds: at an operand site the dgrad/wgrad result (not an operand),
+    at a result site the gradient entering the backward GEMMs (an operand)."""
+    dims = None if info.gemm_operand else _BACKWARD_REDUCTION.get(info.role)
+    return _info(info.op, info.role, "backward", dims, not info.gemm_operand)
+
+
+# A result's gradient enters the dgrad GEMM (reduced over the output features, the last dim) and the wgrad
+# GEMM (reduced over every leading dim); block-scaled formats quantize it once per GEMM along these.
+_BACKWARD_REDUCTION: dict[str, tuple[int, ...]] = {"output": (-1,)}
 
 
 class Emulator:
@@ -126,6 +169,10 @@ class Emulator:
         # Set by autocast when torch.autocast runs this device type natively alongside the emulation (CUDA
         # tensors native, tensors on other devices emulated): ops on it are left to torch.autocast.
         self.native_device_type: str | None = None
+        self.strict = False  # raise on GEMM-class ops that cannot be emulated (lossscale.autocast strict=)
+        # torch.autocast's nesting depth at entry (None: take it at the first handled op, replay_depth below).
+        self.autocast_nesting: int | None = 0
+        self.replay_depth = 0
         self.module_stack: list[str] = []
         # Like torch.autocast's cast cache: a leaf tensor that requires grad (a weight) is rounded once per
         # context, so that all its uses share one rounded copy and its gradient is rounded once.
@@ -138,6 +185,39 @@ class Emulator:
         base = f"{op}.{role}"
         return f"{self.module_stack[-1]}:{base}" if self.module_stack else base
 
+    def quantize(
+        self,
+        x: torch.Tensor,
+        fmt: FloatFormat,
+        site: str,
+        info: Operand,
+        *,
+        scaled: bool = False,
+        count: bool = True,
+    ) -> torch.Tensor:
+        """THE entry point through which every emulated rounding passes (operands, results, gradients, in
+        forward and backward, and the aten-level rounding inside composite ops): round ``x`` to ``fmt``
+        (with per-tensor power-of-two scaling if ``scaled``), counting at ``site``. ``info`` says which op,
+        role, phase and reduction dimensions the tensor has; the built-in rounding ignores it, and a
+        block-scaled quantizer (MX, NVFP4, row-wise FP8) replaces this method and uses it. ``count=False``:
+        a recomputation of a rounding already counted (flash attention's backward). Does not sync."""
+        counters = self.counters if count else None
+        if self.recipe is not None and info.gemm_operand and info.reduction_dims and fmt != self.output:
+            # A scaling recipe (block, row-wise, delayed) quantizes a GEMM operand along its reduction dim: the
+            # aten pieces of composite ops (einsum, tensordot, ...) in forward and backward come through here.
+            grad = info.phase == "backward" and fmt == self.precision.grad_format
+            role: Role = "grad_output" if grad else ("weight" if info.role == "weight" else "input")
+            phase: Phase = "fwd" if info.phase == "forward" else ("dgrad" if grad else "wgrad")
+            ctx = self._gemm_context(info.op, "weight")
+            fmt_r = ctx.grad if grad else ctx.compute
+            return recipe_operand(
+                x, op=info.op, role=role, phase=phase, dim=info.reduction_dims[-1], recipe=ctx.recipe, fmt=fmt_r,
+                state=ctx.state, site=ctx.site,
+            )
+        if scaled:
+            return scaled_round(x, fmt, site, counters)
+        return round_to(x, fmt, site, counters)
+
     def site(
         self,
         x: torch.Tensor,
@@ -146,19 +226,20 @@ class Emulator:
         fwd: FloatFormat | None,
         bwd: FloatFormat | None,
         scaled: bool = False,
+        info: Operand | None = None,
     ) -> torch.Tensor:
         """A rounding site: forward rounds to ``fwd``, backward rounds the gradient to ``bwd`` (None: keep)."""
         if fwd is None and bwd is None:
             return x
         name = self._site_name(op, role)
+        if info is None:
+            info = _info(op, role, "forward", None, False)
         if torch.is_grad_enabled() and x.requires_grad:
-            out: torch.Tensor = _Site.apply(x, fwd, scaled, bwd, name, self.counters)  # type: ignore[no-untyped-call]
+            out: torch.Tensor = _Site.apply(x, fwd, scaled, bwd, name, self, info)  # type: ignore[no-untyped-call]
             return out
         if fwd is None:
             return x
-        if scaled:
-            return scaled_round(x, fwd, name, self.counters)
-        return round_to(x, fwd, name, self.counters)
+        return self.quantize(x, fwd, name, info, scaled=scaled)
 
     def _cached(self, x: torch.Tensor, kind: str, make: Callable[[], torch.Tensor]) -> torch.Tensor:
         if not (x.is_leaf and x.requires_grad):
@@ -172,12 +253,17 @@ class Emulator:
         self._cache[key] = (x, out)  # keeping x alive keeps id(x) unique while cached
         return out
 
-    def operand(self, x: torch.Tensor, op: str, role: str) -> torch.Tensor:
-        """A GEMM operand: compute format (with per-tensor scaling) forward, output format backward."""
+    def operand(
+        self, x: torch.Tensor, op: str, role: str, reduction_dims: tuple[int, ...] | None = None
+    ) -> torch.Tensor:
+        """A GEMM operand: compute format (with per-tensor scaling) forward, output format backward.
+        ``reduction_dims``: the dims of ``x`` the GEMM reduces over (told to :meth:`quantize`). Under a scaling
+        recipe (lossscale.scaling_recipes) the recipe quantizes the operand instead."""
         if self.recipe is not None:
             return recipe_site(x, self._gemm_context(op, "input"), "weight" if role == "weight" else "input")
+        info = _info(op, role, "forward", reduction_dims, True)
         return self._cached(
-            x, "operand", lambda: self.site(x, op, role, self.compute, self.output, self.scaled)
+            x, "operand", lambda: self.site(x, op, role, self.compute, self.output, self.scaled, info)
         )
 
     def result_operand(self, x: torch.Tensor, op: str, role: str) -> torch.Tensor:
@@ -262,7 +348,8 @@ class Emulator:
             self.gemm_done(op)
             return out
         y = torch.nn.functional.linear(
-            self.operand(x, op, roles[0]), self.operand(w, op, roles[1]), self.addend(b, op, roles[2])
+            self.operand(x, op, roles[0], (-1,)), self.operand(w, op, roles[1], (-1,)),
+            self.addend(b, op, roles[2]),
         )
         self.gemm_done(op)
         return self.result(y, op, roles[3])

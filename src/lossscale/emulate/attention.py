@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..quantize import quantize
-from ._core import Emulator, round_to, scaled_round
+from ._core import Emulator, Operand
 
 __all__ = ["sdpa", "multi_head_attention_forward"]
 
@@ -58,6 +58,12 @@ def _sdpa(
     projected: bool = False,
 ) -> torch.Tensor:
     L, S = q.size(-2), k.size(-2)
+    if L == 0 or S == 0:
+        # Nothing to round: torch's result is empty (no queries) or zeros (no keys), exact in any format.
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+            enable_gqa=enable_gqa,
+        )
     scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
     # projected: q, k, v are views of rounded in-projection results (multi-head attention).
     operand = emu.result_operand if projected else emu.operand
@@ -110,12 +116,15 @@ def _flash_forward(
 
 
 def _round_probs(emu: Emulator, p: torch.Tensor, site: str | None) -> torch.Tensor:
+    """P = exp(S - max) into the PV GEMM (forward, reduced over keys: dim -1; counted at ``site``) or, with
+    ``site`` None, P recomputed in backward for the dV GEMM (P^T there: reduced over queries, dim -2; the same
+    rounding as in forward, not counted again)."""
     if emu.compute is None:
         return p
-    counters = emu.counters if site is not None else None
-    if emu.scaled:
-        return scaled_round(p, emu.compute, site or "", counters)
-    return round_to(p, emu.compute, site or "", counters)
+    if site is None:
+        info = Operand("sdpa", "probs", "backward", (-2,), True)
+        return emu.quantize(p, emu.compute, "", info, scaled=emu.scaled, count=False)
+    return emu.quantize(p, emu.compute, site, Operand("sdpa", "probs", "forward", (-1,), True), scaled=emu.scaled)
 
 
 class _Flash(torch.autograd.Function):
@@ -159,7 +168,8 @@ class _Flash(torch.autograd.Function):
         delta = (d_out * out).sum(dim=-1, keepdim=True)
         d_s = p.mul_(d_p.sub_(delta))
         if emu.grad is not None:
-            d_s = round_to(d_s, emu.grad, ctx.grad_site, emu.counters)
+            # dS enters the dQ GEMM (reduced over keys, dim -1) and the dK GEMM (over queries, dim -2).
+            d_s = emu.quantize(d_s, emu.grad, ctx.grad_site, Operand("sdpa", "scores", "backward", (-1, -2), True))
         d_q = torch.matmul(d_s, k).mul_(scale)
         d_k = torch.matmul(d_s.transpose(-2, -1), q).mul_(scale)
         return _unbroadcast(d_q, q), _unbroadcast(d_k, k), _unbroadcast(d_v, v), None, None, None, None

@@ -85,7 +85,10 @@ class RoundingCounters:
         self._elements: dict[Key, int] = {}
         self.gemms: dict[str, int] = {}
         """Emulated GEMM/convolution executions per op kind (host-side; no sync). One ``F.linear`` is 1, one
-        scaled_dot_product_attention 2 (QK^T and PV), one LSTM layer over T steps 1 + T."""
+        scaled_dot_product_attention 2 (QK^T and PV), one LSTM layer over T steps 1 + T. Composite ops count
+        their aten pieces (``"einsum.bmm"``), forward and backward."""
+        self.unemulated: dict[str, int] = {}
+        """GEMM-class ops that ran with FP32 operands inside an emulated region (not emulated), per op."""
 
     def record(self, site: str, fmt: FloatFormat, x: torch.Tensor, q: torch.Tensor) -> None:
         """Count the rounding of ``x`` to ``q`` (in ``fmt``) at ``site``. Does not synchronise."""
@@ -110,6 +113,11 @@ class RoundingCounters:
                 [nonzero_in, nonzero_in - nonzero_out, small_out - zeros_out, nonfinite_out - nonfinite_in]
             )
             buf.add_(counts)
+
+    def count_unemulated(self, op: str, n: int = 1) -> None:
+        """Add ``n`` executions of a GEMM-class op that ran with FP32 operands inside an emulated region
+        (see ``lossscale.autocast(strict=...)``). Host-side; does not synchronise."""
+        self.unemulated[op] = self.unemulated.get(op, 0) + n
 
     def count_gemm(self, op: str, n: int = 1) -> None:
         """Add ``n`` emulated GEMM executions of kind ``op``. Host-side; does not synchronise."""
@@ -157,6 +165,8 @@ class RoundingCounters:
         self._counts.clear()
         self._elements.clear()
         self.gemms.clear()
+        self.unemulated.clear()
 
     def __repr__(self) -> str:
-        return f"RoundingCounters({len(self._elements)} sites, gemms={self.gemms})"
+        tail = f", unemulated={self.unemulated}" if self.unemulated else ""
+        return f"RoundingCounters({len(self._elements)} sites, gemms={self.gemms}{tail})"

@@ -12,6 +12,7 @@ through, so handlers can call torch ops (and outer modes) without being intercep
 
 from __future__ import annotations
 
+import sys
 import threading
 import warnings
 from collections.abc import Callable
@@ -24,12 +25,12 @@ from torch.overrides import TorchFunctionMode
 
 from ..formats import BF16, FP16
 from ..precision import Precision
-from . import attention, rnn
+from . import aten, attention, rnn
 from ._core import Emulator
 from .counters import RoundingCounters
 from .recipes import RecipeState
 
-__all__ = ["autocast", "Autocast"]
+__all__ = ["autocast", "Autocast", "UnemulatedOpError", "covered_ops"]
 
 Handler = Callable[[Emulator, Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any]
 
@@ -38,35 +39,60 @@ class _Local(threading.local):
     def __init__(self) -> None:
         self.stack: list[Emulator | None] = []
         self.busy = 0
+        self.compile_warned = False
 
 
 _LOCAL = _Local()
 
 
-def _gemm_handler(op: str, operands: tuple[str, ...], addends: tuple[str, ...] = ()) -> Handler:
-    """A handler for a GEMM-like op whose positional arguments are named ``operands + addends`` roles."""
+def _gemm_handler(
+    op: str,
+    operands: tuple[str, ...],
+    addends: tuple[str, ...] = (),
+    reduction: dict[str, tuple[int, ...]] | None = None,
+) -> Handler:
+    """A handler for a GEMM-like op whose positional arguments are named ``operands + addends`` roles
+    (``reduction``: the reduction dims of each operand role, told to the quantizer)."""
     roles = operands  # positional order
     addend_set = set(addends)
+    dims = reduction or {}
 
     def handle(emu: Emulator, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if "out" in kwargs or not _all_fp32(args, kwargs):
+        if kwargs.get("out") is not None or not _all_fp32(args, kwargs):
             return func(*args, **kwargs)
         if emu.recipe is not None:  # a scaling recipe quantizes all three GEMMs itself
             y = emu.recipe_gemm(op, func, args, kwargs)
             if y is not None:
                 return y
+
+        def site(value: torch.Tensor, role: str) -> torch.Tensor:
+            if role in addend_set:
+                return emu.addend(value, op, role)  # type: ignore[return-value]
+            return emu.operand(value, op, role, dims.get(role))
+
         new_args = list(args)
         for i, value in enumerate(args[: len(roles)]):
             if isinstance(value, torch.Tensor):
-                role = roles[i]
-                new_args[i] = emu.addend(value, op, role) if role in addend_set else emu.operand(value, op, role)
+                new_args[i] = site(value, roles[i])
         new_kwargs = dict(kwargs)
         for name, value in kwargs.items():
             if isinstance(value, torch.Tensor) and name in roles:
-                new_kwargs[name] = emu.addend(value, op, name) if name in addend_set else emu.operand(value, op, name)
+                new_kwargs[name] = site(value, name)
         out = func(*new_args, **new_kwargs)
         emu.gemm_done(op)
         return emu.result(out, op)
+
+    return handle
+
+
+def _composite_handler(op: str) -> Handler:
+    """A composite op (einsum, tensordot, multi_dot, ...): its aten GEMM pieces are emulated (see aten.py)."""
+
+    def handle(emu: Emulator, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if kwargs.get("out") is not None:
+            return func(*args, **kwargs)
+        kwargs = {k: v for k, v in kwargs.items() if k != "out"}
+        return aten.run_composite(emu, op, func, args, kwargs)
 
     return handle
 
@@ -112,32 +138,65 @@ def _cell_handler(kind: str) -> Handler:
     return handle
 
 
-def _build_handlers() -> dict[Any, Handler]:
+_LAST: tuple[int, ...] = (-1,)
+_MM: dict[str, tuple[int, ...]] = {
+    "input": (-1,), "mat1": (-1,), "batch1": (-1,), "mat": (-1,), "other": (-2,), "mat2": (-2,), "batch2": (-2,),
+    "vec": (-1,),
+}
+
+
+def _build_handlers() -> dict[Any, tuple[str, Handler]]:
+    """func -> (op name, handler). The op names are the covered-op list (docs/emulation.md, generated)."""
     vf = torch._C._VariableFunctions  # what torch._VF forwards to: the functions nn.LSTM & co. call
-    h: dict[Any, Handler] = {}
-    linear = _gemm_handler("linear", ("input", "weight", "bias"), ("bias",))
-    h[F.linear] = linear
-    matmul = _gemm_handler("matmul", ("input", "other"))
-    for f in (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__):
-        h[f] = matmul
-    h[torch.Tensor.__rmatmul__] = _gemm_handler("matmul", ("other", "input"))
+    h: dict[Any, tuple[str, Handler]] = {}
+
+    def add(op: str, handler: Handler, *funcs: Any) -> None:
+        for f in funcs:
+            h[f] = (op, handler)
+
+    add("linear", _gemm_handler("linear", ("input", "weight", "bias"), ("bias",),
+                                {"input": _LAST, "weight": _LAST}), F.linear)
+    add("matmul", _gemm_handler("matmul", ("input", "other"), (), _MM),
+        torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.linalg.matmul)
+    add("matmul", _gemm_handler("matmul", ("other", "input"), (), {"other": (-1,), "input": (-2,)}),
+        torch.Tensor.__rmatmul__)
     for name, roles, addends in (
         ("mm", ("input", "mat2"), ()),
         ("bmm", ("input", "mat2"), ()),
         ("addmm", ("input", "mat1", "mat2"), ("input",)),
         ("baddbmm", ("input", "batch1", "batch2"), ("input",)),
+        ("addbmm", ("input", "batch1", "batch2"), ("input",)),
+        ("mv", ("input", "vec"), ()),
+        ("addmv", ("input", "mat", "vec"), ("input",)),
+        ("addr", ("input", "vec1", "vec2"), ("input",)),
+        ("dot", ("input", "tensor"), ()),
+        ("vdot", ("input", "other"), ()),
+        ("inner", ("input", "other"), ()),
     ):
-        handler = _gemm_handler(name, roles, addends)
-        h[getattr(torch, name)] = handler
-        h[getattr(torch.Tensor, name)] = handler
-    for name in ("conv1d", "conv2d", "conv3d"):
-        h[getattr(F, name)] = _gemm_handler(name, ("input", "weight", "bias"), ("bias",))
-    h[F.scaled_dot_product_attention] = _sdpa_handler
-    h[F.multi_head_attention_forward] = _mha_handler
+        dims = {r: _MM.get(r, _LAST) for r in roles if name not in ("addr", "outer", "ger")}
+        add(name, _gemm_handler(name, roles, addends, dims), getattr(torch, name), getattr(torch.Tensor, name))
+    for name in ("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"):
+        add(name, _gemm_handler(name, ("input", "weight", "bias"), ("bias",)), getattr(F, name),
+            getattr(torch, name))
+    add("convolution", _gemm_handler("convolution", ("input", "weight", "bias"), ("bias",)), torch.convolution)
+    add("prelu", _gemm_handler("prelu", ("input", "weight")), F.prelu, torch.prelu, torch.Tensor.prelu)
+    add("bilinear", _gemm_handler("bilinear", ("input1", "input2", "weight", "bias"), ("bias",),
+                                  {"input1": _LAST, "input2": _LAST, "weight": (-2, -1)}), F.bilinear, torch.bilinear)
+    add("einsum", _composite_handler("einsum"), torch.einsum, torch.functional.einsum)
+    add("tensordot", _composite_handler("tensordot"), torch.tensordot, torch.functional.tensordot)
+    add("chain_matmul", _composite_handler("chain_matmul"), torch.chain_matmul, torch.functional.chain_matmul)
+    add("multi_dot", _composite_handler("multi_dot"), torch.linalg.multi_dot)
+    add("scaled_dot_product_attention", _sdpa_handler, F.scaled_dot_product_attention)
+    add("multi_head_attention_forward", _mha_handler, F.multi_head_attention_forward)
     for kind in ("lstm", "gru", "rnn_tanh", "rnn_relu"):
-        h[getattr(vf, kind)] = _rnn_handler(kind)
-        h[getattr(vf, kind + "_cell")] = _cell_handler(kind)
+        add(kind, _rnn_handler(kind), getattr(vf, kind))
+        add(kind + "_cell", _cell_handler(kind), getattr(vf, kind + "_cell"))
     return h
+
+
+def covered_ops() -> list[str]:
+    """The op names the emulation handles (sorted), as listed in docs/emulation.md."""
+    return sorted({op for op, _ in _HANDLERS.values()})
 
 
 _HANDLERS = _build_handlers()
@@ -156,19 +215,248 @@ class _EmulationMode(TorchFunctionMode):
         if local.busy or not local.stack or local.stack[-1] is None:
             return func(*args, **kwargs)
         try:
-            handler = _HANDLERS.get(func)
+            entry = _HANDLERS.get(func)
         except TypeError:  # unhashable callables are never ours
-            handler = None
-        if handler is None:
             return func(*args, **kwargs)
+        if entry is None:
+            kind = _unknown_kind(func)
+            if kind is None:
+                return func(*args, **kwargs)
         emu = local.stack[-1]
-        if emu.native_device_type is not None and _first_tensor_device_type(args) == emu.native_device_type:
+        device = _first_tensor_device_type(args)
+        if emu.native_device_type is not None and device == emu.native_device_type:
             return func(*args, **kwargs)  # torch.autocast handles this device natively
+        _bind_checkpoint(emu)
+        if not _LOCAL.compile_warned and _in_compiled_module():
+            _LOCAL.compile_warned = True
+            warnings.warn(
+                "lossscale emulation: a torch.compile'd module runs eagerly inside lossscale.autocast (the "
+                "emulation is not compiled into the graph; results are those of eager emulation)",
+                RuntimeWarning, stacklevel=3,
+            )
+        if device is not None and _autocast_disabled_inside(emu, device):
+            return func(*args, **kwargs)  # torch.autocast(device, enabled=False) inside: FP32, as on CUDA
         local.busy += 1
         try:
-            return handler(emu, func, args, kwargs)
+            if entry is None:
+                return _run_unknown(emu, func, kind, args, kwargs)
+            # The handler's own torch calls skip __torch_function__ entirely (they would only pass through,
+            # busy being set): a few microseconds per call, which per-time-step handlers (RNNs) make up.
+            with torch._C.DisableTorchFunction():
+                return entry[1](emu, func, args, kwargs)
         finally:
             local.busy -= 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Activation checkpointing: the recomputation re-enters the emulation that ran the forward.
+#
+# torch.utils.checkpoint recomputes a segment's forward during backward, re-entering only torch's own
+# autocast state. The emulation binds itself to the checkpoint when one of its ops first runs inside the
+# segment: reentrant (CheckpointFunction, forward under no_grad): the checkpoint's ``ctx.run_function`` is
+# wrapped; non-reentrant (saved-tensor hooks): the checkpoint frame's ``recompute_fn`` is wrapped. The wrapper
+# re-enters a copy of the emulator (same precision, counters, strictness; its own weight cache), so the
+# recomputation runs the same rounding sites and the gradients are those of the un-checkpointed run. This reads
+# two attributes of torch.utils.checkpoint's private objects; where they are not found, the segment raises
+# instead of producing un-emulated gradients (checked at every handled op inside a checkpoint).
+
+_BOUND = "_lossscale_emulation"
+
+
+class _Reentered:
+    """Context that re-enters a copy of ``emu`` (and the function mode) for a checkpoint recomputation."""
+
+    def __init__(self, emu: Emulator, depth: int) -> None:
+        self.emu, self.depth = emu, depth
+
+    def __enter__(self) -> None:
+        src = self.emu
+        emu = Emulator(src.precision, src.counters)
+        emu.strict, emu.native_device_type = src.strict, src.native_device_type
+        emu.autocast_nesting, emu.replay_depth = None, self.depth
+        self._mode = _EmulationMode()
+        _LOCAL.stack.append(emu)
+        self._busy, _LOCAL.busy = _LOCAL.busy, 0
+        self._mode.__enter__()  # type: ignore[no-untyped-call]
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self._mode.__exit__(*exc)  # type: ignore[no-untyped-call]
+        finally:
+            _LOCAL.stack.pop()
+            _LOCAL.busy = self._busy
+
+
+def _reentering(fn: Callable[..., Any], emu: Emulator) -> Callable[..., Any]:
+    # The autocast depth of the first handled op relative to the region, replayed in the recomputation.
+    depth = _nesting() - (emu.autocast_nesting or 0)
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with _Reentered(emu, depth):
+            return fn(*args, **kwargs)
+
+    setattr(run, _BOUND, True)
+    return run
+
+
+def _checkpoint_forward_code() -> Any:
+    module = sys.modules.get("torch.utils.checkpoint")
+    fn = getattr(getattr(module, "CheckpointFunction", None), "forward", None)
+    return getattr(fn, "__code__", None)
+
+
+def _bind_checkpoint(emu: Emulator) -> None:
+    if torch.is_grad_enabled():
+        hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        if hooks is None or "_checkpoint_hook" not in getattr(hooks[0], "__qualname__", ""):
+            return
+        frame = next(
+            (c.cell_contents for c in hooks[0].__closure__ or () if hasattr(c.cell_contents, "recompute_fn")),
+            None,
+        )
+        if frame is None:
+            raise RuntimeError(
+                "lossscale emulation inside torch.utils.checkpoint (use_reentrant=False): this torch version's "
+                "checkpoint frame has no recompute_fn to re-enter the emulation in; the recomputation would "
+                "not be emulated. Checkpoint outside the emulated region or use use_reentrant=True"
+            )
+        if not getattr(frame.recompute_fn, _BOUND, False):
+            frame.recompute_fn = _reentering(frame.recompute_fn, emu)
+        return
+    code = _checkpoint_forward_code()
+    if code is None:
+        return
+    f: Any = sys._getframe(2)
+    for _ in range(64):  # the checkpointed function runs a few frames below CheckpointFunction.forward
+        if f is None:
+            return
+        if f.f_code is code:
+            ctx = f.f_locals.get("ctx")
+            run = getattr(ctx, "run_function", None)
+            if run is None:
+                raise RuntimeError(
+                    "lossscale emulation inside torch.utils.checkpoint (use_reentrant=True): this torch "
+                    "version's CheckpointFunction has no run_function to re-enter the emulation in; the "
+                    "recomputation would not be emulated. Use use_reentrant=False"
+                )
+            if not getattr(run, _BOUND, False):
+                ctx.run_function = _reentering(run, emu)
+            return
+        f = f.f_back
+
+
+def _in_compiled_module() -> bool:
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    probe = getattr(eval_frame, "_is_in_optimized_module", None)
+    return bool(probe()) if probe is not None else False
+
+
+def _nesting() -> int:
+    # torch.autocast's nesting depth (torch has no getter: increment and decrement back; no sync).
+    n = torch.autocast_increment_nesting()
+    torch.autocast_decrement_nesting()
+    return int(n) - 1
+
+
+def _autocast_disabled_inside(emu: Emulator, device: str) -> bool:
+    """Whether a ``torch.autocast(device, enabled=False)`` entered inside this emulated region is active.
+
+    Every ``torch.autocast`` context (enabled or not) raises torch's autocast nesting depth; the emulation
+    records the depth at entry, so a deeper level with autocast off for the tensors' device is a region the
+    model runs in FP32 on purpose (transformers' ``maybe_autocast``, rotary embeddings, ...). In a
+    checkpoint recomputation, which enters autocast contexts of its own, the base depth is taken at the
+    first handled op, minus that op's depth relative to the region in forward."""
+    if emu.autocast_nesting is None:
+        emu.autocast_nesting = _nesting() - emu.replay_depth
+    if _nesting() <= emu.autocast_nesting:
+        return False
+    try:
+        return not torch.is_autocast_enabled(device)
+    except RuntimeError:  # a device type torch.autocast does not know: nothing can disable it
+        return False
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Nothing silently FP32: GEMM-class ops the emulation has no handler for.
+
+_GEMM_WORDS = frozenset(
+    {"matmul", "gemm", "linear", "bilinear", "dot", "vdot", "vecdot", "einsum", "attention", "lstm", "gru",
+     "rnn", "tbc", "convolution"}
+)
+_UNKNOWN_CACHE: dict[Any, str | None] = {}
+_WARNED: set[str] = set()
+
+
+class UnemulatedOpError(RuntimeError):
+    """Raised under ``lossscale.autocast(..., strict=True)`` by a GEMM-class op the emulation cannot round."""
+
+
+def _unknown_kind(func: Any) -> str | None:
+    """"custom" for an op of a non-aten ``torch.library`` namespace (probed for GEMMs inside), "gemm" for a
+    torch function without a handler whose name says GEMM/convolution/attention, else None. Cached."""
+    try:
+        return _UNKNOWN_CACHE[func]
+    except KeyError:
+        pass
+    kind: str | None = None
+    if isinstance(func, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        namespace, _, name = _op_name(func).partition("::")
+        if namespace not in ("aten", "prims", "profiler"):
+            kind = "custom"
+        elif name.split(".")[0] in aten.GEMM_ATEN:
+            kind = "aten"  # torch.ops.aten.mm & co. called directly: emulated at the aten level
+        elif _gemm_like(name.split(".")[0]):
+            kind = "gemm"
+    elif _gemm_like(getattr(func, "__name__", "")):
+        kind = "gemm"
+    _UNKNOWN_CACHE[func] = kind
+    return kind
+
+
+def _gemm_like(name: str) -> bool:
+    words = [w for w in name.lower().split("_") if w]
+    return any(
+        w in _GEMM_WORDS or w.endswith("mm") or (w.startswith("conv") and not w.startswith("convert")) for w in words
+    )
+
+
+def _op_name(func: Any) -> str:
+    if isinstance(func, torch._ops.OpOverloadPacket):
+        return str(func._qualified_op_name)
+    if isinstance(func, torch._ops.OpOverload):
+        return str(func.name()).replace(".default", "")  # type: ignore[no-untyped-call]
+    module = getattr(func, "__module__", None) or ""
+    name = str(getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func))
+    return f"{module}.{name}" if module and not name.startswith(module) else name
+
+
+def _run_unknown(emu: Emulator, func: Any, kind: str | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    leaves, _ = aten._flatten((*args, *kwargs.values()))
+    if not any(t.dtype == torch.float32 for t in leaves):
+        return func(*args, **kwargs)
+    name = _op_name(func)
+    if kind == "aten":
+        return aten.run_composite(emu, name.split("::")[-1].split(".")[0], func, args, kwargs)
+    if kind == "custom":
+        out, gemms, opaque = aten.probe_gemms(func, args, kwargs)
+        if not gemms and not opaque:
+            return out  # no GEMM inside: nothing to emulate
+        what = f"runs {', '.join(sorted(set(gemms)))} inside" if gemms else "could not be looked into"
+    else:
+        out, what = None, "has a GEMM-class name"
+    message = (
+        f"lossscale emulation: {name} {what} and is not emulated: it computed with FP32 operands inside an "
+        "emulated region. Run it outside lossscale.autocast, register an emulated version, or accept FP32 "
+        "for it (counted in RoundingCounters.unemulated)"
+    )
+    if emu.strict:
+        raise UnemulatedOpError(message)
+    if emu.counters is not None:
+        emu.counters.count_unemulated(name)
+    if name not in _WARNED:
+        _WARNED.add(name)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+    return out if kind == "custom" else func(*args, **kwargs)
 
 
 def _first_tensor_device_type(args: tuple[Any, ...]) -> str | None:
@@ -205,8 +493,12 @@ class Autocast:
         device_type: str | None = None,
         model: torch.nn.Module | None = None,
         recipe_state: RecipeState | None = None,
+        strict: bool = False,
     ) -> None:
         self.precision = Precision.parse(precision)
+        if not isinstance(strict, bool):
+            raise TypeError(f"strict must be a bool, got {type(strict).__name__}")
+        self.strict = strict
         if recipe_state is not None and not isinstance(recipe_state, RecipeState):
             raise TypeError(f"recipe_state must be a RecipeState or None, got {type(recipe_state).__name__}")
         if recipe_state is None and self.precision.recipe is not None and self.precision.recipe.kind == "delayed":
@@ -254,6 +546,7 @@ class Autocast:
         self._native: torch.autocast | None = None
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._depth = 0
+        self._stance: Any = None
 
     def __enter__(self) -> Autocast:
         if self._depth:
@@ -261,6 +554,7 @@ class Autocast:
         self._depth = 1
         if (self.emulated or self._hybrid) and not self.precision.is_fp32:
             emu = Emulator(self.precision, self.counters, self.recipe_state)
+            emu.strict = self.strict
             self._emulator = emu
             _LOCAL.stack.append(emu)
             if self.model is not None:
@@ -269,6 +563,12 @@ class Autocast:
                 emu.native_device_type = self.device_type
                 self._native = torch.autocast(self.device_type, dtype=self._dtype)
                 self._native.__enter__()  # type: ignore[no-untyped-call]
+            emu.autocast_nesting = _nesting()
+            # torch.compile'd code runs eagerly inside the emulation (see docs/emulation.md, torch.compile).
+            # Nothing can be compiled before torch._dynamo is imported: then skip (importing it takes seconds).
+            if "torch._dynamo" in sys.modules:
+                self._stance = torch.compiler.set_stance("force_eager")
+                self._stance.__enter__()
             self._mode = _EmulationMode()
             self._mode.__enter__()  # type: ignore[no-untyped-call]
         else:
@@ -290,7 +590,10 @@ class Autocast:
                 self._mode.__exit__(exc_type, exc, tb)  # type: ignore[no-untyped-call]
             if self._native is not None:
                 self._native.__exit__(exc_type, exc, tb)
+            if self._stance is not None:
+                self._stance.__exit__(exc_type, exc, tb)
         finally:
+            self._stance = None
             _LOCAL.stack.pop()
             for handle in self._hooks:
                 handle.remove()
@@ -331,6 +634,7 @@ def autocast(
     device_type: str | None = None,
     model: torch.nn.Module | None = None,
     recipe_state: RecipeState | None = None,
+    strict: bool = False,
 ) -> Autocast:
     """Run the enclosed forward pass in low precision, natively (``torch.autocast``) or emulated.
 
@@ -359,6 +663,9 @@ def autocast(
         recipe_state: for precisions with a scaling recipe (``"fp8-delayed"``, ``"mxfp8"``, ...): the
             :class:`~lossscale.emulate.recipes.RecipeState` holding delayed-scaling histories and the recipe's
             per-site counters; pass the same one every step.
+        strict: raise :class:`UnemulatedOpError` on a GEMM-class op the emulation cannot round (an opaque
+            ``torch.library`` op computing a GEMM, a torch function without a handler); by default such an
+            op runs in FP32 with one ``RuntimeWarning`` per op and a count in ``counters.unemulated``.
 
     Returns an :class:`Autocast` context manager (``__enter__`` returns itself). Entering and leaving do not
     synchronise.
@@ -372,5 +679,6 @@ def autocast(
         1.0
     """
     return Autocast(
-        precision, emulate=emulate, counters=counters, device_type=device_type, model=model, recipe_state=recipe_state
+        precision, emulate=emulate, counters=counters, device_type=device_type, model=model,
+        recipe_state=recipe_state, strict=strict,
     )
