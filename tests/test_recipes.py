@@ -246,3 +246,39 @@ def test_other_ops_fall_back_loudly_and_attention_projections_use_the_recipe() -
     with pytest.warns(UserWarning, match="conv1d operands"):
         with lossscale.autocast("nvfp4", recipe_state=RecipeState()):
             conv(torch.randn(2, 4, 10))
+
+
+def test_composite_op_pieces_take_the_recipe_along_their_reduction_dims() -> None:
+    # einsum reaches the emulation as aten bmm pieces (lossscale.emulate.aten); under mxfp8 every piece's
+    # operand must hold MX-quantized values along that GEMM's reduction dim (a: -1, b: -2), in an aten-level
+    # audit independent of the emulation's bookkeeping. Negative control: the same audit without the recipe.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    class Audit(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if func is torch.ops.aten.bmm.default:
+                seen.append((args[0].detach().clone(), args[1].detach().clone()))
+            return func(*args, **(kwargs or {}))
+
+    def mx_valued(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return torch.equal(a, lossscale.quantize(a, "mxfp8_e4m3", dim=-1)) and torch.equal(
+            b, lossscale.quantize(b, "mxfp8_e4m3", dim=-2)
+        )
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(2, 8, 64, generator=gen) * torch.exp2(torch.randint(-8, 8, (2, 8, 64), generator=gen))
+    b = torch.randn(2, 64, 16, generator=gen)
+    state = lossscale.emulate.RecipeState()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with Audit(), lossscale.autocast("mxfp8", emulate=True, recipe_state=state):
+            torch.einsum("bij,bjk->bik", a, b)
+    assert seen and all(mx_valued(x, y) for x, y in seen)
+    counts = state.read()
+    assert any(k[0].startswith("einsum.bmm") and k[1] == "fwd" for k in counts)
+    seen.clear()
+    with Audit():
+        torch.einsum("bij,bjk->bik", a, b)
+    assert seen and not any(mx_valued(x, y) for x, y in seen)
