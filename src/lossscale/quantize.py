@@ -40,10 +40,10 @@ import torch
 
 from .formats import FP32, FloatFormat, FormatLike
 
-__all__ = ["quantize", "explain", "RoundingInfo", "Rounding", "Impl"]
+__all__ = ["quantize", "explain", "RoundingInfo", "Rounding", "RoundingImpl"]
 
 Rounding = Literal["nearest", "stochastic"]
-Impl = Literal["auto", "native", "bits"]
+RoundingImpl = Literal["auto", "native", "bits"]
 _ROUNDINGS = ("nearest", "stochastic")
 _IMPLS = ("auto", "native", "bits")
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -56,7 +56,7 @@ def quantize(
     rounding: Rounding = "nearest",
     saturate: bool = False,
     generator: torch.Generator | None = None,
-    impl: Impl = "auto",
+    impl: RoundingImpl = "auto",
 ) -> torch.Tensor:
     """Round ``x`` to the values of ``fmt``; returns a new tensor of ``x``'s dtype, shape and device.
 
