@@ -31,7 +31,7 @@ There is one tensor form of this rule, :func:`update_scale`: it works on tensors
 the gradients' device, without a host sync, and is what :class:`lossscale.LossScaler` and
 :class:`lossscale.LayerwiseScaler` run every step. With the defaults (``hysteresis=1``, no clamps) the rule
 is exactly ``torch._amp_update_scale_`` followed by the floor, and :func:`update_scale` then calls that
-kernel (through :mod:`lossscale._compat`) as a shortcut: one op instead of a dozen small ones
+kernel (through :mod:`lossscale._compat`) as a shortcut: one op instead of about twenty small ones
 (``benchmarks/scaler_overhead.py`` prints the difference; the tests check that both give the same bits).
 ``growth_tracker`` always stays below ``growth_interval``, so torch's ``==`` test and the ``>=`` above
 agree, and the floor changes nothing until torch's rule would first take the scale below 2^-127 (there
@@ -418,6 +418,8 @@ def update_scale(
             raise RuntimeError("update_scale(impl='fused') needs torch._amp_update_scale_, which this torch lacks")
     if impl == "fused" or (impl == "auto" and config.is_torch_rule and _compat.update_scale_available()):
         # torch's kernel on copies (the function stays pure). hysteresis_tracker stays 0 under this rule.
+        # One op instead of the ~20 of _dynamic_rule: about 3x faster per update on CPU (36 us against
+        # 100-164 us, benchmarks/scaler_overhead.py), 15-25% of the scaler's whole step at 1M parameters.
         scale = state.scale.clone()
         growth_tracker = state.growth_tracker.clone()
         _compat.update_scale_(
