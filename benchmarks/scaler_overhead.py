@@ -18,6 +18,10 @@ elements (a transformer-like count of tensors), FP32, all finite (the common ste
 Targets (issue 3): lossscale <= 1.05x torch at 10M and 100M parameters, <= 1.3x at 1M; cost linear in the
 number of parameters.
 
+A last line times the scale update alone (``lossscale.scaling.update_scale``, torch's rule, a finite step):
+the shortcut through torch's fused kernel ``torch._amp_update_scale_`` against the library's tensor form of
+the rule (``impl="fallback"``), alternating; it says what keeping the kernel behind ``_compat`` buys.
+
 Usage::
 
     .venv/bin/python benchmarks/scaler_overhead.py                   # 1M, 10M, 100M; 1 thread
@@ -38,6 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from lossscale import LossScaler  # noqa: E402
+from lossscale.scaling import DynamicScaling, init_state, update_scale  # noqa: E402
 
 N_MATRICES = 64
 BIAS = 256
@@ -150,6 +155,20 @@ def bench(n: int, reps: int, warmup: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def bench_update(reps: int, calls: int = 200) -> dict[str, float]:
+    """Median seconds per ``update_scale`` call (torch's rule, finite steps), kernel vs tensor rule."""
+    cfg = DynamicScaling()
+    state, found = init_state(cfg), torch.zeros(())
+    times: dict[str, list[float]] = {"fused": [], "fallback": []}
+    for rep in range(reps):
+        for impl in ("fused", "fallback") if rep % 2 == 0 else ("fallback", "fused"):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                update_scale(state, found, cfg, impl=impl)  # type: ignore[arg-type]
+            times[impl].append((time.perf_counter() - t0) / calls)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=float, nargs="+", default=[1e6, 1e7, 1e8], help="parameter counts")
@@ -173,6 +192,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{m['deepspeed-alg'] * 1e3:>9.3f}ms {ratio:>10.3f}x {m['lossscale'] / m['deepspeed-alg']:>7.3f}x"
             f" {m['lossscale'] / n * 1e9:>9.3f} {'<=' + str(target) + 'x':>7}"
         )
+    u = bench_update(reps=41)
+    print(
+        f"scale update alone (torch's rule, median of 41 alternating runs of 200 calls): torch kernel "
+        f"{u['fused'] * 1e6:.1f}us, tensor rule {u['fallback'] * 1e6:.1f}us per step "
+        f"(the kernel saves {(u['fallback'] - u['fused']) * 1e6:.1f}us, {u['fallback'] / u['fused']:.2f}x)"
+    )
     return 0
 
 

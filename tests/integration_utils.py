@@ -110,3 +110,20 @@ def doc_example(section: str) -> str:
     match = re.search(r"```python\n(.*?)```", body, re.S)
     assert match is not None, section
     return match.group(1)
+
+
+def sgd_reusing_id(freed_id: int, params: Sequence[torch.nn.Parameter], tries: int = 200_000) -> torch.optim.SGD | None:
+    """A new ``torch.optim.SGD`` over ``params`` that sits at ``freed_id`` (the id of an optimizer just freed),
+    or None when CPython does not hand that address out again within ``tries`` allocations.
+
+    Instances are allocated bare (``__new__``) until one lands on the freed address; only that one is
+    initialised. (A full construction allocates many objects first, which usually take the address.)
+    """
+    held = []
+    for _ in range(tries):
+        opt = torch.optim.SGD.__new__(torch.optim.SGD)
+        if id(opt) == freed_id:
+            opt.__init__(params, lr=0.1)  # type: ignore[misc]
+            return opt
+        held.append(opt)  # keep it alive so that the next allocation takes another address
+    return None

@@ -1,18 +1,23 @@
-"""Brute-force rounding oracle: enumerate every value of a format and pick the nearest (ties to even).
+"""Test oracles, written independently of the code they check.
 
-Independent of lossscale.quantize: it uses only FloatFormat.decode (itself checked against ml_dtypes and
-torch.finfo in test_formats.py) and float64 arithmetic whose differences are exact (Sterbenz lemma: the
-two neighbours lo <= |x| <= hi are within a factor of two of |x|, or lo is 0 and |x| - 0 is exact).
+* A brute-force rounding oracle: enumerate every value of a format and pick the nearest (ties to even).
+  Independent of lossscale.quantize: it uses only FloatFormat.decode (itself checked against ml_dtypes and
+  torch.finfo in test_formats.py) and float64 arithmetic whose differences are exact (Sterbenz lemma: the
+  two neighbours lo <= |x| <= hi are within a factor of two of |x|, or lo is 0 and |x| - 0 is exact).
+* :func:`update_scale_py`: the loss-scaling rule in plain Python numbers, written from the rule in
+  ``lossscale.scaling``'s docstring, to check ``lossscale.scaling.update_scale`` (tensors) against.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
 import numpy as np
 
 from lossscale import FloatFormat
+from lossscale.scaling import SCALE_FLOOR, DynamicScaling, PyScalingState, ScalingConfig
 
 
 @functools.lru_cache(maxsize=None)
@@ -74,3 +79,66 @@ def neighbours(x: np.ndarray, fmt: FloatFormat) -> tuple[np.ndarray, np.ndarray]
     lo = vals[idx]
     hi = np.where(vals[idx] == a, vals[idx], vals[idx + 1])
     return np.copysign(lo, x), np.copysign(hi, x)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loss-scaling rule in Python numbers
+
+
+def _fp32(x: float) -> float:
+    """Round a float64 to the nearest FP32 value (numpy's cast; overflow gives inf as a C++ cast does)."""
+    with np.errstate(over="ignore"):
+        return float(np.float32(x))
+
+
+def update_scale_py(state: PyScalingState, found_inf: bool, config: ScalingConfig) -> PyScalingState:
+    """One step of the rule in ``lossscale.scaling``'s docstring, on Python numbers (the scale held as an
+    FP32 value in a float; products formed in float64 and rounded once to FP32).
+
+    Example:
+        >>> from lossscale.scaling import init_state_py
+        >>> cfg = DynamicScaling(init_scale=4.0, growth_interval=2)
+        >>> s = init_state_py(cfg)
+        >>> scales = []
+        >>> for bad in [False, False, False, True, False, False]:
+        ...     s = update_scale_py(s, bad, cfg)
+        ...     scales.append(s.scale)
+        >>> scales
+        [4.0, 8.0, 8.0, 4.0, 4.0, 8.0]
+    """
+    steps = state.steps + 1
+    if found_inf:
+        consecutive, skipped = state.consecutive_skips + 1, state.skipped_steps + 1
+    else:
+        consecutive, skipped = 0, state.skipped_steps
+    if not isinstance(config, DynamicScaling):
+        return dataclasses.replace(state, consecutive_skips=consecutive, skipped_steps=skipped, steps=steps)
+
+    scale = state.scale
+    hyst = state.hysteresis_tracker
+    if found_inf:
+        tracker = 0
+        if hyst <= 0:
+            backed = _fp32(scale * config.backoff_factor)
+            if config.min_scale is not None:
+                backed = min(max(backed, _fp32(config.min_scale)), scale)
+            scale = backed
+        hyst = max(hyst - 1, 0)
+    else:
+        tracker = state.growth_tracker + 1
+        if config.consecutive_hysteresis:
+            hyst = config.hysteresis - 1
+        if tracker >= config.growth_interval:
+            grown = _fp32(scale * config.growth_factor)
+            if math.isfinite(grown):
+                scale = grown if config.max_scale is None else max(min(grown, _fp32(config.max_scale)), scale)
+            tracker = 0
+            hyst = config.hysteresis - 1
+    return PyScalingState(
+        scale=max(scale, SCALE_FLOOR),
+        growth_tracker=tracker,
+        hysteresis_tracker=hyst,
+        consecutive_skips=consecutive,
+        skipped_steps=skipped,
+        steps=steps,
+    )

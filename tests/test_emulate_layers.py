@@ -176,7 +176,7 @@ def test_recurrent_layer_against_bfloat16_module(kind: str) -> None:
     native = native.bfloat16()
     try:
         out_n = native(x.bfloat16())[0].float()
-    except RuntimeError as err:  # oneDNN refuses BF16 LSTM on CPUs without AVX512 (REFERENCE.md)
+    except RuntimeError as err:  # oneDNN refuses BF16 LSTM on CPUs without AVX512
         pytest.skip(f"native BF16 {kind} does not run here: {err}")
     db = sqnr_db(out_n, out_e)
     print(f"{kind}: emulated vs .bfloat16() module {db:.1f} dB")

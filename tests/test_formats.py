@@ -66,7 +66,9 @@ def test_decode_matches_ml_dtypes_bit_patterns(fmt: FloatFormat, dtype: type) ->
 
 
 def test_reference_table_values() -> None:
-    # ../shared/REFERENCE.md, "Number formats".
+    # The constants as the specifications state them: IEEE 754-2019 binary16; bfloat16 (the top half of
+    # binary32); OCP 8-bit Floating Point Specification (OFP8) rev. 1.0 for E4M3/E5M2; OCP Microscaling
+    # Formats (MX) v1.0 for E2M1/E2M3/E3M2.
     assert (BF16.bias, BF16.max, BF16.min_normal, BF16.min_subnormal, BF16.eps) == (
         127, (2 - 2**-7) * 2.0**127, 2.0**-126, 2.0**-133, 2.0**-7
     )
@@ -171,3 +173,10 @@ def test_formats_are_frozen_and_hashable() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         BF16.mantissa_bits = 8  # type: ignore[misc]
     assert len({BF16, FloatFormat(8, 7), FP16}) == 2
+
+
+def test_presets_are_read_only() -> None:
+    assert PRESETS["bf16"] is BF16 and list(PRESETS) == ["fp32", "bf16", "fp16", "e4m3", "e5m2", "e2m1", "e2m3", "e3m2"]
+    with pytest.raises(TypeError):
+        PRESETS["mine"] = FloatFormat(6, 9)  # type: ignore[index]
+    assert "mine" not in PRESETS

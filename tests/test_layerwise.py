@@ -8,6 +8,7 @@ fits" model; hand-built graphs (residual sums, tied weights, reuse, frozen layer
 from __future__ import annotations
 
 import copy
+import gc
 import io
 import math
 from collections.abc import Callable, Mapping
@@ -20,6 +21,8 @@ from torch import nn
 import lossscale
 from lossscale import FP16, LayerSkipEvent, LayerwiseScaler, LossScaler, RoundingCounters
 from lossscale.layerwise import adaptive_log2_scales, recommend_layer_scales, select_layers
+
+from .integration_utils import sgd_reusing_id
 
 # ----------------------------------------------------------------------------------------------------------
 # Models
@@ -726,3 +729,41 @@ def test_study_deep_mlp_layerwise_configuration() -> None:
     assert lw["final_loss"] < none["final_loss"]
     assert lw["scaler"]["kind"] == "layerwise" and len(lw["scaler"]["final_layer_scales"]) == 30
     assert lw["skipped_steps"] == 0 and lw["config"] == "fp16-mixed:layerwise"
+
+
+def test_freed_optimizer_id_reused_by_a_new_one_inherits_nothing() -> None:
+    """As LossScaler: an optimizer that overflowed and stepped, then was freed before update(), hands no record
+    to a new optimizer at its id; its overflow still counts at update()."""
+    model = mlp()
+    params = list(model.parameters())
+    scaler = LayerwiseScaler(model, mode="dynamic", init_scale=2.0**8)
+    scales = scaler.layer_scales()
+
+    def backward(inject: bool) -> None:
+        for p in params:
+            p.grad = None
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randn(8, 16, generator=g), torch.randn(8, 4, generator=g)
+        with lossscale.autocast("fp16-mixed", emulate=True):
+            out = model(x)
+        scaler.scale((out - y).square().mean()).backward()
+        if inject:
+            dict(model.named_parameters())["2.weight"].grad[0, 0] = math.inf  # type: ignore[index]
+
+    old = torch.optim.SGD(params, lr=0.1)
+    backward(inject=True)
+    scaler.step(old)
+    assert scaler.last_step_skipped
+    old_id = id(old)
+    del old
+    gc.collect()
+    new = sgd_reusing_id(old_id, params)
+    if new is None:
+        pytest.skip("CPython did not reuse the freed optimizer's address")
+    backward(inject=False)
+    before = [p.detach().clone() for p in params]
+    scaler.step(new)  # GradScaler-style id keys would say "step() has already been called"
+    assert not scaler.last_step_skipped
+    assert all(not torch.equal(b, p) for b, p in zip(before, params, strict=True))
+    scaler.update()
+    assert scaler.skipped_steps == 1 and scaler.layer_scales()["2"] == scales["2"] / 2

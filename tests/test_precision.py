@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import pickle
 
 import pytest
 
@@ -127,3 +128,15 @@ def test_frozen_and_hashable() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         p.compute = FP16  # type: ignore[misc]
     assert len({p, Precision.parse("bf16"), Precision.parse("fp16-mixed")}) == 2
+
+
+def test_replace_pickle_and_fields_keep_resolved_formats() -> None:
+    p = Precision(E4M3)  # positional, as a dataclass constructor takes them
+    assert (p.output, p.grad) == (BF16, BF16)
+    q = dataclasses.replace(p, scaling="current")
+    assert type(q) is Precision and q == Precision(compute=E4M3, scaling="current") and q != p
+    assert pickle.loads(pickle.dumps(q)) == q
+    assert repr(p).startswith("Precision(compute=")
+    assert [f.name for f in dataclasses.fields(Precision)] == [
+        "compute", "output", "grad", "weights", "flush_to_zero", "scaling", "recipe"
+    ]

@@ -5,12 +5,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import doctest
+import gc
 import io
 import logging
 import math
 import pickle
 import random
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -29,8 +31,10 @@ from lossscale.scaling import (
     PyScalingState,
     StaticScaling,
     init_state_py,
-    update_scale_py,
 )
+
+from .integration_utils import sgd_reusing_id
+from .oracle import update_scale_py
 
 INF, NAN = math.inf, math.nan
 OptFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
@@ -945,3 +949,61 @@ def test_shell_follows_python_twin(
         one_step(model, scaler, opt, (1, NAN) if bad else None)
         twin = update_scale_py(twin, bad, cfg)
         assert scaler.state_dict()["state"] == dataclasses.asdict(twin)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Per-optimizer records: keyed by id (GradScaler's view), owned weakly
+
+
+def test_freed_optimizer_id_reused_by_a_new_one_inherits_nothing() -> None:
+    """An optimizer that overflowed and stepped, then was freed before update(): a new optimizer at the same
+    id starts fresh (GradScaler would raise "step() has already been called" or use the freed one's flags),
+    and the freed one's overflow still counts at update(), as GradScaler counts it."""
+    model = make_model()
+    params = list(model.parameters())
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(0))
+    scaler = LossScaler(init_scale=2.0**10)
+    old = torch.optim.SGD(params, lr=0.1)
+    scaler.scale(model(x).square().sum()).backward()
+    params[0].grad[0, 0] = INF  # type: ignore[index]
+    scaler.step(old)
+    assert scaler.last_step_skipped is True
+    owner = weakref.ref(old)
+    old_id = id(old)
+    del old
+    gc.collect()
+    assert owner() is None  # the scaler did not keep it alive
+    new = sgd_reusing_id(old_id, params)
+    if new is None:
+        pytest.skip("CPython did not reuse the freed optimizer's address")
+    assert id(new) == old_id
+    for p in params:
+        p.grad = None
+    scaler.scale(model(x).square().sum()).backward()
+    before = [p.detach().clone() for p in params]
+    scaler.step(new)  # its own record: READY, its own (finite) gradients
+    assert scaler.last_step_skipped is False
+    assert all(not torch.equal(b, p) for b, p in zip(before, params, strict=True))
+    assert scaler._per_optimizer_states[id(new)]["stage"] is _compat.OptState.STEPPED  # GradScaler's view, by id
+    scaler.update()
+    assert scaler.get_scale() == 2.0**9 and scaler.skipped_steps == 1  # the freed one's overflow counted
+    # The next iteration: the new optimizer alone, finite, no stale record left.
+    scaler.scale(model(x).square().sum()).backward()
+    scaler.step(new)
+    scaler.update()
+    assert scaler.last_step_skipped is False and scaler.get_scale() == 2.0**9 and scaler.consecutive_skips == 0
+
+
+def test_per_optimizer_records_hold_no_optimizer_alive() -> None:
+    """Between step and update the scaler holds its optimizers weakly; a pickled scaler is unaffected."""
+    model = make_model()
+    scaler = LossScaler()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ref = weakref.ref(opt)
+    scaler.scale(model(torch.ones(2, 6)).sum()).backward()
+    scaler.step(opt)
+    del opt
+    gc.collect()
+    assert ref() is None
+    scaler.update()
+    assert pickle.loads(pickle.dumps(scaler)).get_scale() == scaler.get_scale()

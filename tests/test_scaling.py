@@ -24,8 +24,10 @@ from lossscale.scaling import (
     state_from_py,
     state_to_py,
     update_scale,
-    update_scale_py,
 )
+
+from . import oracle
+from .oracle import update_scale_py
 
 FP32_MAX = torch.finfo(torch.float32).max
 
@@ -39,7 +41,9 @@ def run_py(cfg: scaling.ScalingConfig, flags: list[bool]) -> list[PyScalingState
     return out
 
 
-def run_tensor(cfg: scaling.ScalingConfig, flags: list[bool], impl: _compat.Impl = "auto") -> list[PyScalingState]:
+def run_tensor(
+    cfg: scaling.ScalingConfig, flags: list[bool], impl: _compat.KernelImpl = "auto"
+) -> list[PyScalingState]:
     s = init_state(cfg)
     out = []
     for f in flags:
@@ -206,22 +210,45 @@ def test_tensor_matches_python_twin(cfg: DynamicScaling, flags: list[bool]) -> N
 def test_torch_rule_matches_torch_kernel(
     init: float, growth: float, backoff: float, interval: int, flags: list[bool]
 ) -> None:
-    """update_scale (both paths), the Python twin and torch._amp_update_scale_ agree bit for bit: each step of
-    the rule is one step of torch's kernel followed by the 2^-127 floor (which only acts where torch's scale
-    would go below it)."""
+    """update_scale (the kernel shortcut and the tensor rule), the Python twin and torch._amp_update_scale_
+    agree bit for bit: each step of the rule is one step of torch's kernel followed by the 2^-127 floor (which
+    only acts where torch's scale would go below it). This is what lets update_scale take the kernel."""
     cfg = DynamicScaling(init_scale=init, growth_factor=growth, backoff_factor=backoff, growth_interval=interval)
     py = run_py(cfg, flags)
     assert run_tensor(cfg, flags, "fused") == py
     assert run_tensor(cfg, flags, "fallback") == py
-    for impl in ("fused", "fallback"):
-        before = init_state_py(cfg)
-        for f, expected in zip(flags, py, strict=True):
-            scale = torch.full((), before.scale, dtype=torch.float32)
-            tracker = torch.full((), before.growth_tracker, dtype=torch.int32)
-            _compat.update_scale_(scale, tracker, torch.tensor(float(f)), growth, backoff, interval, impl=impl)  # type: ignore[arg-type]
-            assert max(scale.item(), scaling.SCALE_FLOOR) == expected.scale
-            assert tracker.item() == expected.growth_tracker
-            before = expected
+    before = init_state_py(cfg)
+    for f, expected in zip(flags, py, strict=True):
+        scale = torch.full((), before.scale, dtype=torch.float32)
+        tracker = torch.full((), before.growth_tracker, dtype=torch.int32)
+        torch._amp_update_scale_(scale, tracker, torch.tensor(float(f)), growth, backoff, interval)
+        assert max(scale.item(), scaling.SCALE_FLOOR) == expected.scale
+        assert tracker.item() == expected.growth_tracker
+        before = expected
+
+
+def test_kernel_shortcut_is_taken_only_for_torch_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    """"auto" calls torch's kernel for torch's rule, the tensor rule otherwise, and the tensor rule when this
+    torch lacks the kernel; "fused" without the kernel is refused, naming it."""
+    calls: list[int] = []
+    real = _compat.update_scale_
+
+    def counting(*args: object) -> None:
+        calls.append(1)
+        real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_compat, "update_scale_", counting)
+    torch_rule, hyst = DynamicScaling(growth_interval=2), DynamicScaling(growth_interval=2, hysteresis=2)
+    flags = [F, F, T, F, F, T, T, F]
+    assert run_tensor(torch_rule, flags) == run_py(torch_rule, flags) and len(calls) == len(flags)
+    assert run_tensor(hyst, flags) == run_py(hyst, flags) and len(calls) == len(flags)
+    assert run_tensor(torch_rule, flags, "fallback") == run_py(torch_rule, flags) and len(calls) == len(flags)
+    monkeypatch.setattr(_compat, "update_scale_available", lambda: False)
+    assert run_tensor(torch_rule, flags) == run_py(torch_rule, flags) and len(calls) == len(flags)
+    with pytest.raises(RuntimeError, match="_amp_update_scale_"):
+        update_scale(init_state(torch_rule), torch.tensor(0.0), torch_rule, impl="fused")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        update_scale(init_state(torch_rule), torch.tensor(0.0), torch_rule, impl="magic")  # type: ignore[arg-type]
 
 
 def test_fused_impl_refuses_other_rules() -> None:
@@ -328,7 +355,7 @@ def test_state_python_round_trip() -> None:
 
 
 def test_doctests() -> None:
-    for mod in (scaling,):
+    for mod in (scaling, oracle):
         result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
         assert result.failed == 0 and result.attempted > 0
 
@@ -358,7 +385,7 @@ def test_scale_floor_2_pow_minus_127() -> None:
     assert scales(cfg, [T, T, T]) == [scaling._fp32(2.0**16 * 1e-30), 2.0**-127, 2.0**-127]
     s, g = torch.tensor(2.0**16), torch.tensor(0, dtype=torch.int32)
     for _ in range(2):
-        _compat.update_scale_(s, g, torch.tensor(1.0), 2.0, 1e-30, 2000)
+        torch._amp_update_scale_(s, g, torch.tensor(1.0), 2.0, 1e-30, 2000)
     assert s.item() == 0.0  # the negative control
     # The general (hysteresis) path too, and a scale loaded below the floor comes back up to it.
     cfg = DynamicScaling(init_scale=2.0**-120, hysteresis=2, backoff_factor=2.0**-10)

@@ -4,13 +4,16 @@
   multiplies them by ``inv_scale``. For DTensor gradients (FSDP2) torch 2.13 all-reduces ``found_inf``
   (MAX over the mesh) inside this op (``torch/distributed/tensor/_dispatch.py``, ``found_inf_reduce_handler``).
   torch's CUDA kernel rejects BF16 gradients (pytorch#127176); the CPU kernel accepts them.
-* ``torch._amp_update_scale_``: torch's scale update (no hysteresis, no clamps).
+* ``torch._amp_update_scale_``: torch's scale update (no hysteresis, no clamps), one fused op. It has no
+  fallback here: :func:`lossscale.scaling.update_scale` holds the one tensor form of the rule and calls this
+  kernel only as a shortcut for torch's rule (``benchmarks/scaler_overhead.py`` prints what it saves;
+  ``tests/test_scaling.py`` checks that both give the same bits).
 * ``Tensor._values()``: the values of a sparse COO gradient, coalesced or not, as a view.
 * ``torch.amp.grad_scaler._refresh_per_optimizer_state``: the factory of ``GradScaler._per_optimizer_states``
   (a module-level function so that the defaultdict pickles); ``OptState`` is public.
 
-``impl="auto"`` takes the fused path when torch has it and it accepts the inputs, else the fallback;
-``"fused"`` and ``"fallback"`` force one (tests check that both agree bit for bit).
+For the first and third, ``impl="auto"`` takes the fused path when torch has it and it accepts the inputs,
+else the fallback; ``"fused"`` and ``"fallback"`` force one (tests check that both agree bit for bit).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any, Literal
 import torch
 
 __all__ = [
-    "Impl",
+    "KernelImpl",
     "OptState",
     "dtensor_type",
     "fused_available",
@@ -30,6 +33,7 @@ __all__ = [
     "sparse_values",
     "to_local",
     "update_scale_",
+    "update_scale_available",
 ]
 
 from torch.amp.grad_scaler import OptState
@@ -43,7 +47,8 @@ except ImportError:  # pragma: no cover - older or newer torch without it
         return {"stage": OptState.READY, "found_inf_per_device": {}}
 
 
-Impl = Literal["auto", "fused", "fallback"]
+KernelImpl = Literal["auto", "fused", "fallback"]
+"""Which implementation of a torch kernel to run: torch's fused op, the pure-PyTorch fallback, or ``"auto"``."""
 _IMPLS = ("auto", "fused", "fallback")
 
 
@@ -98,7 +103,7 @@ def _fused_accepts(grads: list[torch.Tensor]) -> bool:
 
 
 def non_finite_check_and_unscale_(
-    grads: list[torch.Tensor], found_inf: torch.Tensor, inv_scale: torch.Tensor, *, impl: Impl = "auto"
+    grads: list[torch.Tensor], found_inf: torch.Tensor, inv_scale: torch.Tensor, *, impl: KernelImpl = "auto"
 ) -> bool:
     """Set ``found_inf`` to 1.0 if any element of ``grads`` is inf/NaN, then ``grads *= inv_scale`` in place.
 
@@ -126,6 +131,11 @@ def non_finite_check_and_unscale_(
     return False
 
 
+def update_scale_available() -> bool:
+    """Whether this torch has the fused scale-update op ``torch._amp_update_scale_``."""
+    return hasattr(torch, "_amp_update_scale_")
+
+
 def update_scale_(
     scale: torch.Tensor,
     growth_tracker: torch.Tensor,
@@ -133,32 +143,20 @@ def update_scale_(
     growth_factor: float,
     backoff_factor: float,
     growth_interval: int,
-    *,
-    impl: Impl = "auto",
 ) -> None:
-    """torch.amp.GradScaler's scale update, in place on ``scale`` (float32) and ``growth_tracker`` (int32).
+    """torch.amp.GradScaler's scale update kernel, in place on ``scale`` (float32) and ``growth_tracker`` (int32).
 
     On a non-finite step (``found_inf > 0``): ``scale *= backoff``, tracker = 0. Otherwise tracker += 1 and
     when it equals ``growth_interval``: ``scale *= growth`` if the result is finite in FP32, tracker = 0.
-    No host sync.
+    No host sync. Raises RuntimeError when this torch lacks the op (see :func:`update_scale_available`);
+    the rule itself, in any torch, is :func:`lossscale.scaling.update_scale`.
     """
-    _check_impl(impl)
-    if impl == "fused" or (impl == "auto" and hasattr(torch, "_amp_update_scale_")):
-        torch._amp_update_scale_(scale, growth_tracker, found_inf, growth_factor, backoff_factor, growth_interval)
-        return
-    found = found_inf > 0
-    scale64 = scale.to(torch.float64)
-    successful = growth_tracker + 1
-    grow = torch.logical_and(torch.logical_not(found), successful == growth_interval)
-    grown = (scale64 * growth_factor).to(torch.float32)
-    backed = (scale64 * backoff_factor).to(torch.float32)
-    new_scale = torch.where(found, backed, torch.where(grow & torch.isfinite(grown), grown, scale))
-    new_tracker = torch.where(found | grow, torch.zeros_like(successful), successful)
-    scale.copy_(new_scale)
-    growth_tracker.copy_(new_tracker)
+    if not update_scale_available():
+        raise RuntimeError("this torch has no torch._amp_update_scale_; use lossscale.scaling.update_scale")
+    torch._amp_update_scale_(scale, growth_tracker, found_inf, growth_factor, backoff_factor, growth_interval)
 
 
-def sparse_values(grad: torch.Tensor, *, impl: Impl = "auto") -> torch.Tensor:
+def sparse_values(grad: torch.Tensor, *, impl: KernelImpl = "auto") -> torch.Tensor:
     """A view of a sparse COO tensor's stored values, to check and unscale in place.
 
     The fused path reads ``grad._values()`` whether or not ``grad`` is coalesced (as torch's GradScaler).

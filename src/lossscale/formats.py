@@ -29,6 +29,8 @@ import dataclasses
 import functools
 import math
 import re
+import types
+from collections.abc import Mapping
 from typing import Literal, Union
 
 import torch
@@ -336,7 +338,8 @@ E2M1 = FloatFormat(2, 1, nonfinite="none")
 E2M3 = FloatFormat(2, 3, nonfinite="none")
 E3M2 = FloatFormat(3, 2, nonfinite="none")
 
-PRESETS: dict[str, FloatFormat] = {
+# Read-only: a lookup table shared by every caller (``lossscale.PRESETS["bf16"]``), not a registry to add to.
+PRESETS: Mapping[str, FloatFormat] = types.MappingProxyType({
     "fp32": FP32,
     "bf16": BF16,
     "fp16": FP16,
@@ -345,7 +348,7 @@ PRESETS: dict[str, FloatFormat] = {
     "e2m1": E2M1,
     "e2m3": E2M3,
     "e3m2": E3M2,
-}
+})
 
 _TORCH_DTYPES: dict[FloatFormat, torch.dtype] = {
     FP32: torch.float32,

@@ -63,7 +63,7 @@ from torch.utils.hooks import RemovableHandle
 
 from . import _compat
 from .formats import FP16, FloatFormat
-from .scaler import SkipBudgetExceeded
+from .scaler import SkipBudgetExceeded, _Owners
 from .scaling import (
     DynamicScaling,
     PyScalingState,
@@ -561,7 +561,8 @@ class LayerwiseScaler:
         self._prev: list[torch.Tensor] = []
         self._new: list[torch.Tensor] = []
         self._last_stats: dict[str, torch.Tensor] | None = None
-        self._records: dict[int, tuple[str, torch.Tensor | None, torch.Tensor | None]] = {}
+        self._records: dict[int, tuple[str, torch.Tensor | None, torch.Tensor | None]] = {}  # by id(optimizer)
+        self._owners = _Owners()  # who owns each record, held weakly (a freed optimizer's id may be reused)
         self._last_skip: LayerSkipEvent | None = None
         self._last_step_skipped = False
         self._skip_hooks: OrderedDict[int, Callable[[LayerSkipEvent], None]] = OrderedDict()
@@ -941,7 +942,7 @@ class LayerwiseScaler:
         if not self._enabled:
             return
         self._require_state("unscale_")
-        rec = self._records.get(id(optimizer))
+        rec = self._records.get(self._owners.key(self._records, optimizer))
         if rec is not None and rec[0] == "unscaled":
             raise RuntimeError("unscale_() has already been called on this optimizer since the last update().")
         if rec is not None and rec[0] == "stepped":
@@ -985,7 +986,7 @@ class LayerwiseScaler:
         flags = torch.cat([weight_bad, self._boundary_bad().reshape(1)])
         if _compat_dist_initialized():
             _all_reduce(flags, torch.distributed.ReduceOp.MAX, self._process_group)
-        self._records[id(optimizer)] = ("unscaled", flags.amax(), flags[: L + 1])
+        self._records[self._owners.key(self._records, optimizer)] = ("unscaled", flags.amax(), flags[: L + 1])
 
     def _scales_in_use(self) -> torch.Tensor:
         """The per-layer scales of this iteration's backward (in ``stats="current"`` mode, as set during it)."""
@@ -1059,15 +1060,15 @@ class LayerwiseScaler:
         if "closure" in kwargs:
             raise RuntimeError("Closure use is not supported while LayerwiseScaler is enabled.")
         self._require_state("step")
-        rec = self._records.get(id(optimizer))
+        rec = self._records.get(self._owners.key(self._records, optimizer))
         if rec is not None and rec[0] == "stepped":
             raise RuntimeError("step() has already been called since the last update().")
         if rec is None:
             self.unscale_(optimizer)
-            rec = self._records[id(optimizer)]
+            rec = self._records[self._owners.key(self._records, optimizer)]
         _, found, weight_bad = rec
         assert found is not None and weight_bad is not None
-        self._records[id(optimizer)] = ("stepped", found, weight_bad)
+        self._records[self._owners.key(self._records, optimizer)] = ("stepped", found, weight_bad)
         if found.item() == 0.0:  # the one sync: decide whether to step
             self._last_step_skipped = False
             return optimizer.step(*args, **kwargs)
@@ -1119,7 +1120,8 @@ class LayerwiseScaler:
         if not self._enabled:
             return
         self._require_state("update")
-        flags = [rec[1] for rec in self._records.values() if rec[1] is not None]
+        records = [*self._records.values(), *self._owners.retired]
+        flags = [rec[1] for rec in records if rec[1] is not None]
         if not flags:
             raise RuntimeError(
                 "update() found no inf checks: call scaler.step(optimizer) (or unscale_) for at least one "
@@ -1128,7 +1130,7 @@ class LayerwiseScaler:
         assert self._scales is not None and self._S is not None and self._acct is not None
         assert self._gains is not None and self._trackers is not None
         found = flags[0] if len(flags) == 1 else torch.stack(flags).amax()
-        weight_bad = torch.stack([rec[2] for rec in self._records.values() if rec[2] is not None]).amax(0)
+        weight_bad = torch.stack([rec[2] for rec in records if rec[2] is not None]).amax(0)
         self._acct = update_scale(self._acct, found, self._accounting)
         stats = self._per_layer_stats()
         L = len(self._names)
@@ -1176,6 +1178,7 @@ class LayerwiseScaler:
             rep = torch.tensor([r if r < L else i for i, r in enumerate(self._rep)], device=S.device)
             self._scales = self._scales.index_select(0, rep)
         self._records = {}
+        self._owners.clear()
         self._rec_in = []
         self._rec_out = []
         self._new = []

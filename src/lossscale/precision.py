@@ -29,7 +29,39 @@ _KEYS = ("compute", "output", "grad", "weights", "scaling", "ftz", "recipe")
 
 
 @dataclasses.dataclass(frozen=True)
-class Precision:
+class _Recipe:
+    """The fields of a :class:`Precision`, all resolved (no None): validated, never modified."""
+
+    compute: FloatFormat = FP32
+    output: FloatFormat = FP32
+    grad: FloatFormat = FP32
+    weights: FloatFormat = FP32
+    flush_to_zero: bool = False
+    scaling: Scaling = "none"
+    recipe: ScalingRecipe | None = None
+
+    def __post_init__(self) -> None:
+        for field in ("compute", "output", "grad", "weights"):
+            if not isinstance(getattr(self, field), FloatFormat):
+                optional = " or None" if field in ("output", "grad") else ""
+                raise TypeError(
+                    f"{field} must be a FloatFormat{optional} (use Precision.parse for names), "
+                    f"got {type(getattr(self, field)).__name__}"
+                )
+        if not isinstance(self.flush_to_zero, bool):
+            raise TypeError(f"flush_to_zero must be a bool, got {type(self.flush_to_zero).__name__}")
+        if self.scaling not in _SCALINGS:
+            raise ValueError(f"scaling must be one of {_SCALINGS}, got {self.scaling!r}")
+        if self.recipe is not None:
+            if not isinstance(self.recipe, ScalingRecipe):
+                raise TypeError(f"recipe must be a ScalingRecipe or None, got {type(self.recipe).__name__}")
+            if self.scaling != "none":
+                raise ValueError("recipe and scaling='current' exclude each other: a recipe scales the operands itself")
+            if self.compute == FP32:
+                raise ValueError(f"recipe {self.recipe.kind!r} needs a low-precision compute format, got fp32")
+
+
+class Precision(_Recipe):
     """A low-precision training recipe (a frozen config; variants via ``dataclasses.replace``).
 
     Args:
@@ -54,45 +86,23 @@ class Precision:
         'fp16-pure'
     """
 
-    compute: FloatFormat = FP32
-    # None means "derive from compute" and is resolved in __post_init__, so readers always see a FloatFormat.
-    output: FloatFormat = None  # type: ignore[assignment]
-    grad: FloatFormat = None  # type: ignore[assignment]
-    weights: FloatFormat = FP32
-    flush_to_zero: bool = False
-    scaling: Scaling = "none"
-    recipe: ScalingRecipe | None = None
-
-    def __post_init__(self) -> None:
-        for field in ("compute", "weights"):
-            if not isinstance(getattr(self, field), FloatFormat):
-                raise TypeError(
-                    f"{field} must be a FloatFormat (use Precision.parse for names), "
-                    f"got {type(getattr(self, field)).__name__}"
-                )
-        for field in ("output", "grad"):
-            value = getattr(self, field)
-            if value is not None and not isinstance(value, FloatFormat):
-                raise TypeError(
-                    f"{field} must be a FloatFormat or None (use Precision.parse for names), "
-                    f"got {type(value).__name__}"
-                )
-        if not isinstance(self.flush_to_zero, bool):
-            raise TypeError(f"flush_to_zero must be a bool, got {type(self.flush_to_zero).__name__}")
-        if self.scaling not in _SCALINGS:
-            raise ValueError(f"scaling must be one of {_SCALINGS}, got {self.scaling!r}")
-        if self.recipe is not None:
-            if not isinstance(self.recipe, ScalingRecipe):
-                raise TypeError(f"recipe must be a ScalingRecipe or None, got {type(self.recipe).__name__}")
-            if self.scaling != "none":
-                raise ValueError("recipe and scaling='current' exclude each other: a recipe scales the operands itself")
-            if self.compute == FP32:
-                raise ValueError(f"recipe {self.recipe.kind!r} needs a low-precision compute format, got fp32")
-        # Resolve the defaults so that equal recipes compare equal.
-        if self.output is None:
-            object.__setattr__(self, "output", BF16 if self.compute.bits <= 8 else self.compute)
-        if self.grad is None:
-            object.__setattr__(self, "grad", self.output)
+    def __init__(
+        self,
+        compute: FloatFormat = FP32,
+        output: FloatFormat | None = None,
+        grad: FloatFormat | None = None,
+        weights: FloatFormat = FP32,
+        flush_to_zero: bool = False,
+        scaling: Scaling = "none",
+        recipe: ScalingRecipe | None = None,
+    ) -> None:
+        # Resolve the defaults before the frozen fields are set, so that readers always see a FloatFormat and
+        # equal recipes compare equal. (A non-format compute is passed on for _Recipe to refuse.)
+        if output is None:
+            output = BF16 if isinstance(compute, FloatFormat) and compute.bits <= 8 else compute
+        super().__init__(
+            compute, output, output if grad is None else grad, weights, flush_to_zero, scaling, recipe
+        )
 
     # ----------------------------------------------------------------------------------------------
     @property

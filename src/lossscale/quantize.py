@@ -43,10 +43,10 @@ from .formats import FP32, FloatFormat, FormatLike
 if TYPE_CHECKING:
     from .blockformats import BlockFormat
 
-__all__ = ["quantize", "explain", "RoundingInfo", "Rounding", "Impl"]
+__all__ = ["quantize", "explain", "RoundingInfo", "Rounding", "RoundingImpl"]
 
 Rounding = Literal["nearest", "stochastic"]
-Impl = Literal["auto", "native", "bits"]
+RoundingImpl = Literal["auto", "native", "bits"]
 _ROUNDINGS = ("nearest", "stochastic")
 _IMPLS = ("auto", "native", "bits")
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -61,7 +61,7 @@ def quantize(
     rounding: Rounding = "nearest",
     saturate: bool = False,
     generator: torch.Generator | None = None,
-    impl: Impl = "auto",
+    impl: RoundingImpl = "auto",
 ) -> torch.Tensor:
     """Round ``x`` to the values of ``fmt``; returns a new tensor of ``x``'s dtype, shape and device.
 
@@ -185,7 +185,7 @@ class _StraightThrough(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx: Any, x: torch.Tensor, fmt: FloatFormat, rounding: Rounding, saturate: bool,
-        generator: torch.Generator | None, impl: Impl,
+        generator: torch.Generator | None, impl: RoundingImpl,
     ) -> torch.Tensor:
         return quantize(x.detach(), fmt, rounding=rounding, saturate=saturate, generator=generator, impl=impl)
 

@@ -22,7 +22,7 @@ import math
 import warnings
 import weakref
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from typing import Any, Literal, cast, overload
 
 import torch
@@ -38,6 +38,7 @@ from .scaling import (
     ScalingState,
     StaticScaling,
     _fp32,
+    _fp32_scale,
     config_from_dict,
     config_kind,
     config_to_dict,
@@ -202,6 +203,39 @@ class SkipEvent:
             more = f" and {len(self.culprits) - 1} more" if len(self.culprits) > 1 else ""
             why += f"; first in {self.culprits[0]}{more}"
         return why
+
+
+class _Owners:
+    """Which optimizer each ``id(optimizer)``-keyed record of the current iteration belongs to, held weakly.
+
+    GradScaler keys its per-optimizer records by ``id(optimizer)`` alone: an optimizer freed after ``step``
+    and before ``update``, whose id Python then gives to a new optimizer, would hand the new one its record
+    (its stage, its found-inf flags). Here the owner of each record is remembered through a weak reference
+    (nothing is kept alive); a record under an id whose owner is gone is set aside for the new optimizer
+    (``retired``: its flags still count at ``update``, as they would in GradScaler) and the new one starts
+    fresh. Cleared at every ``update``.
+    """
+
+    def __init__(self) -> None:
+        self._refs: dict[int, Callable[[], object]] = {}
+        self.retired: list[Any] = []
+
+    def key(self, records: MutableMapping[int, Any], optimizer: object) -> int:
+        """``id(optimizer)``, after setting aside a record under it that belongs to another (freed) optimizer."""
+        k = id(optimizer)
+        ref = self._refs.get(k)
+        if ref is None or ref() is not optimizer:
+            if ref is not None and k in records:
+                self.retired.append(records.pop(k))
+            try:
+                self._refs[k] = weakref.ref(optimizer)
+            except TypeError:  # no weakref support: held until update(), which also keeps its id from reuse
+                self._refs[k] = lambda: optimizer
+        return k
+
+    def clear(self) -> None:
+        self._refs.clear()
+        self.retired.clear()
 
 
 def _dist_initialized() -> bool:
@@ -435,6 +469,7 @@ class LossScaler(torch.amp.GradScaler):
         self._growth_tracker = None
         self._per_optimizer_states = defaultdict(_compat.refresh_per_optimizer_state)
         # Ours.
+        self._owners = _Owners()  # who owns each record of _per_optimizer_states, held weakly
         self._config: ScalingConfig = config
         self._process_group = process_group
         # Host-side state before the first scale() (GradScaler's _init_scale and _init_growth_tracker are views
@@ -800,6 +835,10 @@ class LossScaler(torch.amp.GradScaler):
         inv = scale.double().reciprocal().float()
         return inv, torch.isinf(inv)
 
+    def _key(self, optimizer: torch.optim.Optimizer) -> int:
+        """The key of ``optimizer``'s record in ``_per_optimizer_states`` (its id), never a freed one's record."""
+        return self._owners.key(self._per_optimizer_states, optimizer)
+
     def _record_found(
         self, optimizer: torch.optim.Optimizer, per_device: dict[torch.device, torch.Tensor], reduced: bool
     ) -> dict[str, Any]:
@@ -811,7 +850,7 @@ class LossScaler(torch.amp.GradScaler):
                 found = torch.zeros((), dtype=torch.float32, device=self._scale.device)
             _all_reduce_max(found, self._process_group)
             per_device = {found.device: found} if per_device else {}
-        record = self._per_optimizer_states[id(optimizer)]
+        record = self._per_optimizer_states[self._key(optimizer)]
         record["found_inf_per_device"] = per_device
         return record
 
@@ -841,7 +880,7 @@ class LossScaler(torch.amp.GradScaler):
         if not self._enabled:
             return
         scale, _ = self._check_scale_growth_tracker("unscale_")
-        record = self._per_optimizer_states.get(id(optimizer))
+        record = self._per_optimizer_states.get(self._key(optimizer))
         if record is not None and record["stage"] is OptState.UNSCALED:
             raise ScalerUsageError("unscale_() has already been called on this optimizer since the last update().")
         if record is not None and record["stage"] is OptState.STEPPED:
@@ -863,7 +902,7 @@ class LossScaler(torch.amp.GradScaler):
 
     def _found_inf_per_device(self, optimizer: torch.optim.Optimizer) -> dict[Any, Any]:
         """GradScaler's private accessor: ``{device: found_inf}`` recorded for ``optimizer``. No sync."""
-        found: dict[Any, Any] = self._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
+        found: dict[Any, Any] = self._per_optimizer_states[self._key(optimizer)]["found_inf_per_device"]
         return found
 
     def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
@@ -895,7 +934,7 @@ class LossScaler(torch.amp.GradScaler):
         if "closure" in kwargs:
             raise ScalerUsageError("Closure use is not currently supported if LossScaler is enabled.")
         self._check_scale_growth_tracker("step")
-        record = self._per_optimizer_states.get(id(optimizer))
+        record = self._per_optimizer_states.get(self._key(optimizer))
         if record is not None and record["stage"] is OptState.STEPPED:
             raise ScalerUsageError("step() has already been called since the last update().")
 
@@ -904,7 +943,7 @@ class LossScaler(torch.amp.GradScaler):
 
         if record is None or record["stage"] is OptState.READY:
             self.unscale_(optimizer)
-        record = self._per_optimizer_states[id(optimizer)]
+        record = self._per_optimizer_states[self._key(optimizer)]
         if len(record["found_inf_per_device"]) == 0:
             raise ScalerUsageError(
                 "No inf checks were recorded for this optimizer. (None of its parameters has a gradient: was "
@@ -954,7 +993,7 @@ class LossScaler(torch.amp.GradScaler):
         """GradScaler's protocol for optimizers that unscale and skip inside their step (``Adam(fused=True)``,
         or a ``step(..., grad_scaler=None)``), honoured as GradScaler honours it; then one sync to learn
         whether the optimizer skipped (forensics)."""
-        record = self._per_optimizer_states[id(optimizer)]
+        record = self._per_optimizer_states[self._key(optimizer)]
         has_grad_scaler_kwarg = "grad_scaler" in inspect.signature(optimizer.step).parameters
         if has_grad_scaler_kwarg:
             warnings.warn(_GRAD_SCALER_KWARG_WARNING, FutureWarning, stacklevel=3)
@@ -1095,10 +1134,9 @@ class LossScaler(torch.amp.GradScaler):
         if not self._enabled:
             return
         state = self._require_state("update")
-        found = _sum_found(
-            (f for record in self._per_optimizer_states.values() for f in record["found_inf_per_device"].values()),
-            state.scale.device,
-        )
+        records = [*self._per_optimizer_states.values(), *self._owners.retired]
+        flags = (f for record in records for f in record["found_inf_per_device"].values())
+        found = _sum_found(flags, state.scale.device)
         if new_scale is not None:
             value = self._validate_new_scale(new_scale, state.scale.device)
             if found is not None:
@@ -1112,6 +1150,7 @@ class LossScaler(torch.amp.GradScaler):
                 )
             self._set_state(update_scale(state, found, self._config))
         self._per_optimizer_states = defaultdict(_compat.refresh_per_optimizer_state)
+        self._owners.clear()
 
     def _validate_new_scale(self, new_scale: float | torch.Tensor, device: torch.device) -> torch.Tensor:
         if isinstance(new_scale, torch.Tensor):
@@ -1126,10 +1165,7 @@ class LossScaler(torch.amp.GradScaler):
             raise TypeError(f"new_scale must be a float or a 1-element tensor, got {type(new_scale).__name__}")
         if not (math.isfinite(value) and value > 0.0):
             raise ValueError(f"new_scale must be positive and finite, got {value!r}")
-        value32 = _fp32(value)  # the FP32 value the scale tensor will hold (host-side, no sync)
-        if not (math.isfinite(value32) and value32 > 0.0):
-            # The scale is an FP32 tensor: 1e39 would overflow it (a RuntimeError deep in torch), 1e-50 flush to 0.
-            raise ValueError(f"new_scale must be representable in FP32 (2^-149 .. 3.40282e+38), got {value!r}")
+        value32 = _fp32_scale("new_scale", value)  # the FP32 value the scale tensor will hold (no sync)
         return torch.full((), value32, dtype=torch.float32, device=device)
 
     # ------------------------------------------------------------------------------------------------------
@@ -1294,9 +1330,10 @@ class LossScaler(torch.amp.GradScaler):
         return config, pending
 
     def __getstate__(self) -> dict[str, Any]:
-        if self._per_optimizer_states:
+        if self._per_optimizer_states or self._owners.retired:
             raise ScalerUsageError("A LossScaler may only be pickled at the start of an iteration or after update().")
         state = self.__dict__.copy()
+        state["_owners"] = _Owners()  # weak references do not pickle; empty at this point anyway
         if self._enabled:
             # As GradScaler: the tensors are re-created lazily from the host-side state on the next scale().
             state["_pending"] = self._py_state()
@@ -1308,6 +1345,8 @@ class LossScaler(torch.amp.GradScaler):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        if "_owners" not in state:  # pickled by a version without it
+            self._owners = _Owners()
 
     def __repr__(self) -> str:
         return f"LossScaler({self._config!r}, enabled={self._enabled})"

@@ -27,20 +27,18 @@ The rule (dynamic scaling, as in torch.amp.GradScaler, with Megatron-LM/DeepSpee
 the result is <= 0; so with ``hysteresis=2`` the first overflow is tolerated and every further one backs off
 until a growth refills the counter. With ``hysteresis=1`` the counter stays 0 and every overflow backs off.
 
-With the defaults (``hysteresis=1``, no clamps) this is exactly ``torch._amp_update_scale_``, and
-:func:`update_scale` calls it (through :mod:`lossscale._compat`). ``growth_tracker`` always stays below
-``growth_interval``, so torch's ``==`` test and the ``>=`` above agree, and the floor changes nothing until
-torch's rule would first take the scale below 2^-127 (there torch's ``1/scale`` overflows FP32, unscaling
-turns finite gradients into inf/NaN and the weights follow). Products are formed in FP64 and
-rounded once to FP32, as torch's CPU kernel does (a float times a double in C++), so that non-power-of-two
-factors give the same bits.
-
-Two implementations of the same rule:
-
-* :func:`update_scale` works on tensors (:class:`ScalingState`) on the gradients' device, without a host
-  sync: this is what :class:`lossscale.LossScaler` runs every step.
-* :func:`update_scale_py` works on Python numbers (:class:`PyScalingState`): the test oracle, and the form in
-  which state is checkpointed.
+There is one tensor form of this rule, :func:`update_scale`: it works on tensors (:class:`ScalingState`) on
+the gradients' device, without a host sync, and is what :class:`lossscale.LossScaler` and
+:class:`lossscale.LayerwiseScaler` run every step. With the defaults (``hysteresis=1``, no clamps) the rule
+is exactly ``torch._amp_update_scale_`` followed by the floor, and :func:`update_scale` then calls that
+kernel (through :mod:`lossscale._compat`) as a shortcut: one op instead of about twenty small ones
+(``benchmarks/scaler_overhead.py`` prints the difference; the tests check that both give the same bits).
+``growth_tracker`` always stays below ``growth_interval``, so torch's ``==`` test and the ``>=`` above
+agree, and the floor changes nothing until torch's rule would first take the scale below 2^-127 (there
+torch's ``1/scale`` overflows FP32, unscaling turns finite gradients into inf/NaN and the weights follow).
+Products are formed in FP64 and rounded once to FP32, as torch's CPU kernel does (a float times a double
+in C++), so that non-power-of-two factors give the same bits. :class:`PyScalingState` is the state in
+Python numbers: the form in which it is checkpointed.
 
 Sources: torch ``aten/src/ATen/native/cpu/AmpGradScalerKernels.cpp`` semantics (growth only if finite);
 hysteresis from Megatron-LM ``DynamicGradScaler`` and DeepSpeed ``DynamicLossScaler``
@@ -58,7 +56,7 @@ import numpy as np
 import torch
 
 from . import _compat
-from ._compat import Impl
+from ._compat import KernelImpl
 
 __all__ = [
     "DynamicScaling",
@@ -76,7 +74,6 @@ __all__ = [
     "state_from_py",
     "state_to_py",
     "update_scale",
-    "update_scale_py",
 ]
 
 _FP32_MAX = float(np.finfo(np.float32).max)
@@ -95,6 +92,17 @@ def _fp32(x: float) -> float:
         return float(np.float32(x))
 
 
+def _fp32_scale(name: str, value: float, *, zero_ok: bool = False) -> float:
+    """``value`` (finite, >= 0) rounded to the FP32 value a scale tensor will hold; ValueError naming ``name``
+    when FP32 cannot hold it: a value that overflows to inf (torch would raise deep inside ``torch.full``) or
+    a positive one that flushes to 0 (``zero_ok`` admits an exact 0)."""
+    v32 = _fp32(value)
+    if math.isfinite(v32) and (v32 > 0.0 or (zero_ok and value == 0.0)):
+        return v32
+    low = "0 or 2^-149" if zero_ok else "2^-149"
+    raise ValueError(f"{name} must be representable in FP32 ({low} .. {_FP32_MAX:.6g}), got {value!r}")
+
+
 def _check_scale_value(name: str, value: object, *, optional: bool = False) -> None:
     if value is None and optional:
         return
@@ -104,9 +112,7 @@ def _check_scale_value(name: str, value: object, *, optional: bool = False) -> N
     v = float(value)
     if not (math.isfinite(v) and v > 0.0):
         raise ValueError(f"{name} must be positive and finite, got {value!r}")
-    if not (math.isfinite(_fp32(v)) and _fp32(v) > 0.0):
-        # The scale lives in an FP32 tensor: a value FP32 cannot hold would become inf or 0.
-        raise ValueError(f"{name} must be representable in FP32 (2^-149 .. {_FP32_MAX:.6g}), got {value!r}")
+    _fp32_scale(name, v)
 
 
 def _check_int(name: str, value: object, minimum: int, maximum: int = _INT64_MAX) -> None:
@@ -317,12 +323,7 @@ class PyScalingState:
         # A long run of overflows may drive the scale to 0 (torch lets it); that state must stay readable.
         if not (math.isfinite(self.scale) and self.scale >= 0.0):
             raise ValueError(f"scale must be finite and >= 0, got {self.scale!r}")
-        if not math.isfinite(_fp32(self.scale)) or (self.scale > 0.0 and _fp32(self.scale) == 0.0):
-            # The scale is materialised as an FP32 tensor: refuse here what would overflow it (a RuntimeError
-            # deep inside torch.full later) or silently flush to 0.
-            raise ValueError(
-                f"scale must be representable in FP32 (0 or 2^-149 .. {_FP32_MAX:.6g}), got {self.scale!r}"
-            )
+        _fp32_scale("scale", float(self.scale), zero_ok=True)  # it is materialised as an FP32 tensor
         for f in dataclasses.fields(self):
             if f.name != "scale":
                 dtype = _STATE_DTYPES[f.name]
@@ -376,7 +377,7 @@ def init_state(config: ScalingConfig, device: torch.device | str | None = None) 
 
 
 def update_scale(
-    state: ScalingState, found_inf: torch.Tensor, config: ScalingConfig, *, impl: Impl = "auto"
+    state: ScalingState, found_inf: torch.Tensor, config: ScalingConfig, *, impl: KernelImpl = "auto"
 ) -> ScalingState:
     """One step of the scaling rule on tensors. Pure (returns a new state) and free of host syncs.
 
@@ -385,9 +386,9 @@ def update_scale(
         found_inf: a 0-d tensor, > 0 when a gradient of this step was inf or NaN (torch sums one flag per
             optimizer, so any positive value counts).
         config: the rule.
-        impl: ``"auto"`` uses torch's fused update kernel for torch's rule (hysteresis 1, no clamps) and the
-            general tensor formula otherwise; ``"fallback"`` always uses the general formula; ``"fused"``
-            requires torch's rule and the kernel. All give the same bits.
+        impl: ``"auto"`` runs torch's fused update kernel for torch's rule (hysteresis 1, no clamps) when this
+            torch has it, and the tensor formula of the rule otherwise; ``"fallback"`` always runs the tensor
+            formula; ``"fused"`` requires torch's rule and the kernel. All give the same bits.
 
     Example:
         >>> cfg = DynamicScaling(init_scale=8.0, growth_interval=2)
@@ -397,6 +398,8 @@ def update_scale(
         >>> float(s.scale), int(s.growth_tracker), int(s.skipped_steps)
         (8.0, 1, 1)
     """
+    if impl not in ("auto", "fused", "fallback"):
+        raise ValueError(f"impl must be one of ('auto', 'fused', 'fallback'), got {impl!r}")
     if found_inf.device != state.scale.device or found_inf.dtype != torch.float32:
         found_inf = found_inf.to(state.scale.device, torch.float32, non_blocking=True)
     found = found_inf > 0
@@ -408,30 +411,38 @@ def update_scale(
         # Static (or no) scaling: the scale never moves; only the accounting does.
         return dataclasses.replace(state, consecutive_skips=consecutive, skipped_steps=skipped, steps=steps)
 
-    if impl == "fused" and not config.is_torch_rule:
-        raise ValueError("update_scale(impl='fused') needs torch's rule: hysteresis=1 and no min/max clamps")
-    if impl == "fused" or (impl == "auto" and config.is_torch_rule):
+    if impl == "fused":
+        if not config.is_torch_rule:
+            raise ValueError("update_scale(impl='fused') needs torch's rule: hysteresis=1 and no min/max clamps")
+        if not _compat.update_scale_available():
+            raise RuntimeError("update_scale(impl='fused') needs torch._amp_update_scale_, which this torch lacks")
+    if impl == "fused" or (impl == "auto" and config.is_torch_rule and _compat.update_scale_available()):
         # torch's kernel on copies (the function stays pure). hysteresis_tracker stays 0 under this rule.
+        # One op instead of the ~20 of _dynamic_rule: about 3x faster per update on CPU (36 us against
+        # 100-164 us, benchmarks/scaler_overhead.py), 15-25% of the scaler's whole step at 1M parameters.
         scale = state.scale.clone()
         growth_tracker = state.growth_tracker.clone()
         _compat.update_scale_(
-            scale,
-            growth_tracker,
-            found_inf,
-            config.growth_factor,
-            config.backoff_factor,
-            config.growth_interval,
-            impl="fused" if impl == "fused" else "auto",
+            scale, growth_tracker, found_inf, config.growth_factor, config.backoff_factor, config.growth_interval
         )
-        return ScalingState(
-            scale=scale.clamp_(min=SCALE_FLOOR),  # the floor (module docstring); in place on our copy
-            growth_tracker=growth_tracker,
-            hysteresis_tracker=state.hysteresis_tracker,
-            consecutive_skips=consecutive,
-            skipped_steps=skipped,
-            steps=steps,
-        )
+        hysteresis = state.hysteresis_tracker
+    else:
+        scale, growth_tracker, hysteresis = _dynamic_rule(state, found, config)
+    return ScalingState(
+        scale=scale.clamp_(min=SCALE_FLOOR),  # the floor (module docstring), in place on our new tensor
+        growth_tracker=growth_tracker,
+        hysteresis_tracker=hysteresis,
+        consecutive_skips=consecutive,
+        skipped_steps=skipped,
+        steps=steps,
+    )
 
+
+def _dynamic_rule(
+    state: ScalingState, found: torch.Tensor, config: DynamicScaling
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The tensor form of the dynamic rule (module docstring) before the floor: the new scale (a new tensor),
+    growth tracker and hysteresis tracker."""
     not_found = ~found
     tracker = state.growth_tracker + 1
     grow = not_found & (tracker >= config.growth_interval)
@@ -448,69 +459,11 @@ def update_scale(
     if config.max_scale is not None:
         # Likewise the ceiling never lowers a scale above it.
         grown = torch.maximum(torch.clamp(grown, max=_fp32(config.max_scale)), state.scale)
-    scale = torch.where(backoff, backed, torch.where(grow_ok, grown, state.scale)).clamp_(min=SCALE_FLOOR)
+    scale = torch.where(backoff, backed, torch.where(grow_ok, grown, state.scale))
 
     growth_tracker = torch.where(found | grow, torch.zeros_like(tracker), tracker)
     hyst_down = torch.clamp(state.hysteresis_tracker - 1, min=0)
     refill = grow | not_found if config.consecutive_hysteresis else grow
     full = torch.full_like(hyst_down, config.hysteresis - 1)
     hysteresis = torch.where(found, hyst_down, torch.where(refill, full, state.hysteresis_tracker))
-    return ScalingState(
-        scale=scale,
-        growth_tracker=growth_tracker,
-        hysteresis_tracker=hysteresis,
-        consecutive_skips=consecutive,
-        skipped_steps=skipped,
-        steps=steps,
-    )
-
-
-def update_scale_py(state: PyScalingState, found_inf: bool, config: ScalingConfig) -> PyScalingState:
-    """The plain-Python twin of :func:`update_scale`, written from the rule in the module docstring.
-
-    Example:
-        >>> cfg = DynamicScaling(init_scale=4.0, growth_interval=2)
-        >>> s = init_state_py(cfg)
-        >>> scales = []
-        >>> for bad in [False, False, False, True, False, False]:
-        ...     s = update_scale_py(s, bad, cfg)
-        ...     scales.append(s.scale)
-        >>> scales
-        [4.0, 8.0, 8.0, 4.0, 4.0, 8.0]
-    """
-    steps = state.steps + 1
-    if found_inf:
-        consecutive, skipped = state.consecutive_skips + 1, state.skipped_steps + 1
-    else:
-        consecutive, skipped = 0, state.skipped_steps
-    if not isinstance(config, DynamicScaling):
-        return dataclasses.replace(state, consecutive_skips=consecutive, skipped_steps=skipped, steps=steps)
-
-    scale = state.scale
-    hyst = state.hysteresis_tracker
-    if found_inf:
-        tracker = 0
-        if hyst <= 0:
-            backed = _fp32(scale * config.backoff_factor)
-            if config.min_scale is not None:
-                backed = min(max(backed, _fp32(config.min_scale)), scale)
-            scale = backed
-        hyst = max(hyst - 1, 0)
-    else:
-        tracker = state.growth_tracker + 1
-        if config.consecutive_hysteresis:
-            hyst = config.hysteresis - 1
-        if tracker >= config.growth_interval:
-            grown = _fp32(scale * config.growth_factor)
-            if math.isfinite(grown):
-                scale = grown if config.max_scale is None else max(min(grown, _fp32(config.max_scale)), scale)
-            tracker = 0
-            hyst = config.hysteresis - 1
-    return PyScalingState(
-        scale=max(scale, SCALE_FLOOR),
-        growth_tracker=tracker,
-        hysteresis_tracker=hyst,
-        consecutive_skips=consecutive,
-        skipped_steps=skipped,
-        steps=steps,
-    )
+    return scale, growth_tracker, hysteresis
