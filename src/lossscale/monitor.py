@@ -32,7 +32,7 @@ step does not grow with the number of layers.
 With an ``optimizer`` it also measures **swamping**: around each sampled ``optimizer.step()`` (optimizer step
 pre/post hooks, the public ``torch.optim.Optimizer`` API), an element is *updated* when its FP32 value
 changed, and *swamped in F* when it changed but ``round_F(w_new) == round_F(w_old)``: the update would be
-lost if the weights were stored in ``F`` (Zamirai et al. 2020, arXiv:2010.06192; REFERENCE.md "Swamping").
+lost if the weights were stored in ``F`` (Zamirai et al. 2020, "Revisiting BFloat16 Training", arXiv:2010.06192).
 
 What the statistics mean depends on the run (every output says which, as ``source``):
 

@@ -9,7 +9,7 @@ Per task the report has a table of every configuration (metric mean +- std over 
 final loss, skipped steps, final scale, underflow and swamping fractions, time) and three plots: the loss
 curves, the loss-scale trajectories with skipped steps marked, and the FP32 activation-gradient exponent
 histogram against each format's window. It ends with "Findings": each question answered from the numbers of
-this run, with the published results (``shared/REFERENCE.md``) beside them.
+this run, with the published results (cited in each finding: the paper or project) beside them.
 """
 
 from __future__ import annotations
