@@ -18,17 +18,20 @@ $(VENV)/.installed: pyproject.toml constraints.txt scripts/setup.sh
 run: setup
 	$(PY) -m lossscale study --quick --out $(OUT) --resume
 
+# The test suite plus the docstring examples of every module (the library's and tests/oracle.py's).
+TESTS := --doctest-modules src/lossscale tests
+
 test: setup
-	$(PY) -m pytest -n 2 --dist loadgroup
+	$(PY) -m pytest -n 2 --dist loadgroup $(TESTS)
 
 test-fast: setup
-	$(PY) -m pytest -n 2 --dist loadgroup -m "not slow"
+	$(PY) -m pytest -n 2 --dist loadgroup -m "not slow" $(TESTS)
 
 test-gpu:
 	PYTHONPATH=src $(PYTHON) -m pytest -p no:cacheprovider -m cuda tests/test_cuda.py -q
 
 bench: setup
-	$(PY) -m pip install --quiet -c constraints.txt --no-deps torch-optimi torchao
+	$(PY) -m pip install --quiet -c constraints.txt ".[bench]"
 	for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 lint: setup
