@@ -576,6 +576,7 @@ def test_cache_blocks_give_same_bits(name_factory: Any, monkeypatch: pytest.Monk
     # elements and a remainder differently (last-bit differences), so blocks must keep the same alignment,
     # as the real block size (2^16) does.
     monkeypatch.setattr("lossscale.optim._buckets.CHUNK", 64)
+    monkeypatch.setattr("lossscale.optim._buckets.CHUNK_NATIVE", 64)
     runs = []
     for foreach in (True, False):
         ps = [torch.nn.Parameter(x.to(torch.bfloat16)) for x in init]

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ..formats import BF16, FormatLike
 from ._base import CompensatedOptimizer, check_common, check_number, reject_unsupported
+from . import _buckets
 from ._buckets import Bucket, GeneratorLike, bucketize, bunch, column, generator_for, split_rows
 from .compensation import (
     Compensation,
@@ -139,8 +140,9 @@ def adamw(
         all_bf16 = all_bf16 and rows[0].exp_avg.dtype == torch.bfloat16
         # Cache blocks (see _buckets.CHUNK); the for-loop form takes the same pieces one by one, so both forms
         # draw the same random bits in the same order for stochastic rounding.
-        pieces = split_rows(rows, [True] * len(rows))
-        for grp in bunch(pieces) if foreach else [[piece] for piece in pieces]:
+        chunk = _buckets.CHUNK_NATIVE if all_bf16 else _buckets.CHUNK
+        pieces = split_rows(rows, [True] * len(rows), chunk)
+        for grp in bunch(pieces, chunk) if foreach else [[piece] for piece in pieces]:
             gst = [st[j] for j, _ in grp]
             if all_bf16:
                 _kahan_bf16(grp, gst, hyper)
