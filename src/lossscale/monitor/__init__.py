@@ -263,13 +263,16 @@ class GradientMonitor:
 
     Algorithm, on a sampled step (``step_index % every == 0``)::
 
-        during backward:   keep each activation gradient (hook on each leaf module's output) and a copy
-                           of each weight gradient (post-accumulate-grad hook, so before any unscale_)
-        per packed chunk of those (many small gradients in one pass):
-                           counts of zeros / underflow / subnormal / overflow per format, max|g|,
-                           min nonzero |g|, histogram of ceil(log2|g|), per row (on the device)
+        during backward:   each activation gradient (hook on each leaf module's output) and each weight
+                           gradient (post-accumulate-grad hook, so before any unscale_): a large one
+                           (>= 128K elements) is counted at once; small ones are kept (weights: a copy)
+                           and counted in packed chunks (many small gradients in one pass)
+        counting:          a histogram of integer keys of |g|'s bit pattern per row (on the device),
+                           raw; max|g| and min nonzero |g| as bit patterns
         around optimizer.step():  swamped(f) = #(w changed and round_f(w_new) == round_f(w_old))
-        monitor.step():    add the last chunks; keep the step's table; add it to the running totals
+        monitor.step():    count the last small ones; turn the histograms into the step's table (zeros /
+                           underflow / subnormal / overflow per format, histogram of ceil(log2|g|)), keep
+                           it, add it to the running totals
 
     Args:
         model: the module whose parameters and leaf modules are hooked.
@@ -292,9 +295,10 @@ class GradientMonitor:
     removed by :meth:`remove` or on leaving a ``with`` block. Only :meth:`read` synchronises.
 
     Warnings:
-        On a sampled step the activation gradients are kept alive until 1M elements have gathered (then
-        measured and released) and the weight gradients are copied: extra memory of at most one copy of the
-        weight gradients plus a 1M-element chunk. A step with several backward passes (gradient
+        On a sampled step the small activation gradients are kept alive until 1M elements have gathered
+        (then measured and released) and the small weight gradients are copied: extra memory of at most
+        the small weight gradients plus a 1M-element chunk, and the temporaries of counting one large
+        gradient (about 12 bytes per element). A step with several backward passes (gradient
         accumulation) accumulates activation statistics over all of them and measures the weight gradients
         as they are after the last one. Activation checkpointing runs forward twice and counts activation
         gradients once per recomputation.

@@ -278,11 +278,11 @@ class _Raw:
     def add(self, x: torch.Tensor, row: int, *, assign: bool = False) -> None:
         """Count the flat tensor ``x`` into ``row`` (``assign``: replace what the row held). No sync."""
         bits = _abs_bits(x)
-        key = _keys(bits, self.tab)
+        key, p = _keys(bits, self.tab)
         counts = _bincount(key, self.tab.stride)
         if bits.numel():
             mx = bits.amax().clamp_(max=_INF_BITS)
-            mn = _min_nonzero_bits(bits).amin()
+            mn = p.bitwise_and_(_SIGN_OFF).amin()  # see _min_nonzero_bits
         else:
             mx = torch.zeros((), dtype=torch.int32, device=x.device)
             mn = torch.full((), _SIGN_OFF, dtype=torch.int32, device=x.device)
@@ -315,11 +315,11 @@ class _Raw:
         tab = self.tab
         dev = x.device
         bits = _abs_bits(x)
-        key = _keys(bits, tab)
+        key, p = _keys(bits, tab)
         key.add_(key_off if key_off is not None else (seg * tab.stride).to(torch.int32))
         counts = _bincount(key, self.n_rows * tab.stride).view(self.n_rows, tab.stride)
         big = bits.clamp(max=_INF_BITS)
-        small = _min_nonzero_bits(bits)
+        small = p.bitwise_and_(_SIGN_OFF)  # see _min_nonzero_bits
         if pieces is not None and len(pieces[0]) * 4096 <= big.numel():
             # Few long runs: a plain reduction per run, then per row (much cheaper than a scatter per element).
             lengths, run_rows = pieces
@@ -352,16 +352,20 @@ def _abs_bits(x: torch.Tensor) -> torch.Tensor:
     return x.float().view(torch.int32).bitwise_and_(_SIGN_OFF).reshape(-1)  # a fresh copy: in place
 
 
-def _keys(bits: torch.Tensor, tab: _Tables) -> torch.Tensor:
-    """Per element (int32): ``binade * (K + 1) + #(edges inside its binade below |x|)``. int32 arithmetic
-    throughout; ``bits > edge`` is taken as the sign bit of ``edge - bits`` (both in [0, 2^31), so the
-    difference cannot overflow), which keeps every pass in one dtype."""
-    b = bits.sub(1).bitwise_right_shift_(23).add_(1)  # binade index, see above
-    luts = tab.on(bits.device)[2:]
-    key = b * (tab.k + 1) if tab.k else b
-    for lut in luts:
-        key.sub_(lut.index_select(0, b).sub_(bits).bitwise_right_shift_(31))  # += (|x| > edge)
-    return key
+def _keys(bits: torch.Tensor, tab: _Tables) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per element (int32): ``#(edges inside its binade below |x|) * 257 + binade``, and ``bits - 1``
+    (which the caller may overwrite). int32 arithmetic throughout; ``bits > edge`` is taken as the sign bit
+    of ``edge - bits`` (both in [0, 2^31), so the difference cannot overflow), which keeps every pass in one
+    dtype."""
+    p = bits.sub(1)
+    b = p.bitwise_right_shift(23).add_(1)  # binade index, see above
+    # -1 where |x| is above the k-th edge of its binade, else 0 (all gathered before b is reused as the key)
+    above = [lut.index_select(0, b).sub_(bits).bitwise_right_shift_(31) for lut in tab.on(bits.device)[2:]]
+    # The key is stored edge-count-major, c * 257 + binade (a fused multiply-add, no multiplication pass);
+    # _rows reorders the (small) histogram to binade-major before its cumulative sum.
+    for t in above:
+        b.sub_(t, alpha=_NB_BINADES)
+    return b, p
 
 
 def _min_nonzero_bits(bits: torch.Tensor) -> torch.Tensor:
@@ -385,6 +389,8 @@ def _rows(counts: torch.Tensor, mx: torch.Tensor, mn: torch.Tensor, tab: _Tables
     n_seg = counts.shape[0]
     dev = counts.device
     hi, lo = tab.on(dev)[:2]
+    # Keys are edge-count-major (see _keys): reorder each row's histogram to binade-major, the order of |x|.
+    counts = counts.view(n_seg, tab.k + 1, _NB_BINADES).transpose(1, 2).reshape(n_seg, tab.stride)
     cum = counts.cumsum(1).to(torch.float64)
     numel = cum[:, -1:]
     per_format = cum[:, hi] - cum[:, lo]
@@ -451,9 +457,11 @@ def _swamping_counts(
     if old.dtype != torch.float32:
         old, new = old.float(), new.float()
     if seg is None:  # everything in row 0: a count per column, no histogram
-        changed = new != old
-        got = [changed.count_nonzero()]
-        got += [(changed & _round_eq(new, old, f)).count_nonzero() for f in formats]
+        # An unchanged element (old == new, so not NaN) always has round_f(new) == round_f(old), hence
+        # #(changed and same rounding) = #(same rounding) - #(unchanged): one pass fewer per format.
+        updated = (new != old).count_nonzero()
+        unchanged = old.numel() - updated
+        got = [updated] + [_round_eq(new, old, f).count_nonzero() - unchanged for f in formats]
         out = torch.zeros(n_seg, 1 + len(formats), dtype=torch.float64, device=old.device)
         out[0] = torch.stack(got).to(torch.float64)
         return out
