@@ -157,6 +157,8 @@ class Columns:
 _SIGN_OFF = 0x7FFFFFFF
 _INF_BITS = 0x7F800000
 _NB_BINADES = 257
+# _MIN_NOTE: the smallest nonzero |x| is found as min((bits - 1) & INT32_MAX): 0 goes to INT32_MAX (ignored by
+# the min), every other pattern keeps its order; adding 1 to the min gives the pattern back.
 
 
 def _f32_bits(v: float) -> int:
@@ -282,7 +284,7 @@ class _Raw:
         counts = _bincount(key, self.tab.stride)
         if bits.numel():
             mx = bits.amax().clamp_(max=_INF_BITS)
-            mn = p.bitwise_and_(_SIGN_OFF).amin()  # see _min_nonzero_bits
+            mn = p.bitwise_and_(_SIGN_OFF).amin()  # see _MIN_NOTE
         else:
             mx = torch.zeros((), dtype=torch.int32, device=x.device)
             mn = torch.full((), _SIGN_OFF, dtype=torch.int32, device=x.device)
@@ -319,7 +321,7 @@ class _Raw:
         key.add_(key_off if key_off is not None else (seg * tab.stride).to(torch.int32))
         counts = _bincount(key, self.n_rows * tab.stride).view(self.n_rows, tab.stride)
         big = bits.clamp(max=_INF_BITS)
-        small = p.bitwise_and_(_SIGN_OFF)  # see _min_nonzero_bits
+        small = p.bitwise_and_(_SIGN_OFF)  # see _MIN_NOTE
         if pieces is not None and len(pieces[0]) * 4096 <= big.numel():
             # Few long runs: a plain reduction per run, then per row (much cheaper than a scatter per element).
             lengths, run_rows = pieces
@@ -366,12 +368,6 @@ def _keys(bits: torch.Tensor, tab: _Tables) -> tuple[torch.Tensor, torch.Tensor]
     for t in above:
         b.sub_(t, alpha=_NB_BINADES)
     return b, p
-
-
-def _min_nonzero_bits(bits: torch.Tensor) -> torch.Tensor:
-    """``bits - 1`` with 0 sent to INT32_MAX (ignored by a min) and every other pattern's order kept; add 1 to
-    the min to get the smallest nonzero pattern back."""
-    return bits.sub(1).bitwise_and_(_SIGN_OFF)
 
 
 def _bincount(key: torch.Tensor, size: int) -> torch.Tensor:
