@@ -168,7 +168,7 @@ def test_counters_exact_values() -> None:
     # nonzero: all but 0.0 (NaN counts as nonzero); underflow: 1e-8 (< 2^-25); subnormal: +-1e-6 (< 2^-14);
     # overflow: 1e5 and -7e4 (> 65504 + half ulp); inf and NaN were not finite to begin with.
     assert (c.elements, c.nonzero, c.underflow, c.subnormal, c.overflow) == (9, 8, 1, 2, 2)
-    assert c.underflow_fraction == 1 / 8 and c.overflow_fraction == 2 / 9
+    assert c.underflow_fraction_of_nonzero == 1 / 8 and c.overflow_fraction == 2 / 9
     round_to(torch.tensor([1e-8]), FP16, "site", counters)
     assert counters.read()[("site", "fp16")].underflow == 2
     totals = counters.totals()

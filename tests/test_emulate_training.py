@@ -255,9 +255,12 @@ def test_fp16_loss_scaling_changes_the_result_on_a_deep_net_with_small_gradients
     scaled = _train_scaled(copy.deepcopy(base), "fp16-mixed", 2.0**12, x, y, 5, c_on, loss_factor=small)
     off = c_off.totals(grad=True)["fp16"]
     on = c_on.totals(grad=True)["fp16"]
-    print(f"fp16 gradient underflow: unscaled {off.underflow_fraction:.2%}, scale 2^12 {on.underflow_fraction:.2%}")
-    assert off.underflow_fraction > 0.05
-    assert on.underflow_fraction < off.underflow_fraction / 10
+    print(
+        f"fp16 gradient underflow: unscaled {off.underflow_fraction_of_nonzero:.2%}, "
+        f"scale 2^12 {on.underflow_fraction_of_nonzero:.2%}"
+    )
+    assert off.underflow_fraction_of_nonzero > 0.05
+    assert on.underflow_fraction_of_nonzero < off.underflow_fraction_of_nonzero / 10
     assert not _params_equal(scaled, unscaled)
     # And the scaled run is the one closer to FP32 training.
     fp32 = _train_scaled(copy.deepcopy(base), "fp32", None, x, y, 5, loss_factor=small)
@@ -286,18 +289,19 @@ def test_fp8_current_scaling_keeps_weights_out_of_the_subnormal_range() -> None:
     scaled = _weight_counts(Precision.parse("fp8-hybrid"))
     unscaled = _weight_counts(Precision.parse("compute=e4m3,output=bf16,grad=e5m2,scaling=none"))
     print(
-        f"E4M3 weights std 0.02: subnormal {unscaled.subnormal_fraction:.1%} / zero {unscaled.underflow_fraction:.1%}"
-        f" unscaled; {scaled.subnormal_fraction:.3%} / {scaled.underflow_fraction:.3%} with current scaling"
+        f"E4M3 weights std 0.02: subnormal {unscaled.subnormal_fraction:.1%} / "
+        f"zero {unscaled.underflow_fraction_of_nonzero:.1%}"
+        f" unscaled; {scaled.subnormal_fraction:.3%} / {scaled.underflow_fraction_of_nonzero:.3%} with current scaling"
     )
     # Without scaling, |w| < 2^-6 (0.78 sigma) lies in E4M3's subnormal range: P = 56.5%. Of those,
     # |w| < 2^-10 (0.049 sigma, 3.9%) round to zero and the top ~3% round up to 2^-6, leaving ~50% subnormal
     # results.
-    assert 0.53 < unscaled.subnormal_fraction + unscaled.underflow_fraction < 0.57
+    assert 0.53 < unscaled.subnormal_fraction + unscaled.underflow_fraction_of_nonzero < 0.57
     assert 0.46 < unscaled.subnormal_fraction < 0.53
-    assert 0.030 < unscaled.underflow_fraction < 0.048
+    assert 0.030 < unscaled.underflow_fraction_of_nonzero < 0.048
     # With it, amax ~ 4.5 sigma maps into [224, 448]: subnormal needs |w| < 2^-6 / 2^12 ~ 2e-4 sigma.
     assert scaled.subnormal_fraction < 1e-3
-    assert scaled.underflow_fraction < 1e-4
+    assert scaled.underflow_fraction_of_nonzero < 1e-4
 
 
 def test_fp8_e5m2_gradient_underflow_is_counted_and_removed_by_a_loss_scale() -> None:
@@ -316,7 +320,7 @@ def test_fp8_e5m2_gradient_underflow_is_counted_and_removed_by_a_loss_scale() ->
     assert under_off > 0.2
     assert under_on < 1e-3
     # Forward E4M3 operands are scaled per tensor: no forward underflow worth the name either way.
-    assert off[("linear.input", "e4m3")].underflow_fraction < 1e-3
+    assert off[("linear.input", "e4m3")].underflow_fraction_of_nonzero < 1e-3
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -14,7 +14,10 @@ from torch import nn
 import lossscale
 from lossscale import BF16, E4M3, E5M2, FP16, FP32, PRESETS, FloatFormat, GradientMonitor
 from lossscale import monitor as monitor_mod
+from lossscale.monitor import _kernel as kernel_mod
 from lossscale.monitor import HIST_MIN_LOG2, Columns, gradient_stats, thresholds
+
+from lossscale.quantize import quantize
 
 from .oracle import round_nearest
 
@@ -180,7 +183,7 @@ def test_empty_and_low_precision_inputs() -> None:
 
 def test_packing_and_segments_change_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     """Statistics of chunks of slices add up to the statistics of whole tensors."""
-    tab = monitor_mod._tables((BF16, FP16, E5M2))
+    tab = kernel_mod._tables((BF16, FP16, E5M2))
     rng = np.random.default_rng(0)
     tensors = [torch.from_numpy(_log_uniform(int(n), seed=int(s), lo=-40, hi=20)) for n, s in
                zip(rng.integers(1, 500, 12), range(12), strict=False)]
@@ -188,8 +191,8 @@ def test_packing_and_segments_change_nothing(monkeypatch: pytest.MonkeyPatch) ->
     expected = torch.zeros(5, tab.cols.width, dtype=torch.float64)
     expected[:, Columns.MIN_ABS] = INF
     for i, t in pieces:
-        expected = monitor_mod._combine_tables(
-            expected, _one_row_table(monitor_mod._segment_stats(t, None, 1, tab)[0], i, 5, tab.cols), tab.cols
+        expected = kernel_mod._combine_tables(
+            expected, _one_row_table(kernel_mod._segment_stats(t, None, 1, tab)[0], i, 5, tab.cols), tab.cols
         )
     for chunk_size in (7, 100, 1 << 22):
         got = torch.zeros(5, tab.cols.width, dtype=torch.float64)
@@ -198,7 +201,7 @@ def test_packing_and_segments_change_nothing(monkeypatch: pytest.MonkeyPatch) ->
             assert sum(t.numel() for _, t in chunk) <= chunk_size
             flat = torch.cat([t for _, t in chunk])
             seg = torch.cat([torch.full((t.numel(),), i) for i, t in chunk])
-            got = monitor_mod._combine_tables(got, monitor_mod._segment_stats(flat, seg, 5, tab), tab.cols)
+            got = kernel_mod._combine_tables(got, kernel_mod._segment_stats(flat, seg, 5, tab), tab.cols)
         assert torch.equal(got, expected), chunk_size
 
 
@@ -225,18 +228,21 @@ def batches(n: int, seed: int = 0, batch: int = 8) -> Iterator[tuple[torch.Tenso
 
 
 @pytest.mark.parametrize(
-    ("chunk", "width", "batch"),
+    ("chunk", "width", "batch", "direct"),
     [
-        (50, 16, 8),  # many chunks, tensors split across them; extremes by per-element scatter
-        (1 << 20, 16, 8),  # one chunk of many short runs
-        (1 << 20, 2048, 64),  # long runs: extremes reduced run by run
-        (20000, 2048, 64),  # long runs split across chunks
+        (50, 16, 8, 1 << 17),  # many chunks, tensors split across them; extremes by per-element scatter
+        (1 << 20, 16, 8, 1 << 17),  # one chunk of many short runs
+        (1 << 20, 2048, 64, 1 << 30),  # long runs: extremes reduced run by run
+        (20000, 2048, 64, 1 << 30),  # long runs split across chunks
+        (1 << 20, 2048, 64, 1 << 12),  # the large gradients measured on their own as they come
+        (50, 16, 8, 1),  # every gradient measured on its own
     ],
 )
 def test_monitor_rows_equal_stats_of_the_gradients(
-    monkeypatch: pytest.MonkeyPatch, chunk: int, width: int, batch: int
+    monkeypatch: pytest.MonkeyPatch, chunk: int, width: int, batch: int, direct: int
 ) -> None:
     monkeypatch.setattr(monitor_mod, "_CHUNK", chunk)
+    monkeypatch.setattr(monitor_mod, "_DIRECT", direct)
     model = mlp(width=width)
     fmts = ("bf16", "fp16", "e5m2")
     mon = GradientMonitor(model, formats=fmts, every=2)
@@ -349,7 +355,9 @@ def test_skipped_steps_are_those_with_nonfinite_weight_gradients() -> None:
     assert s.tables[1, w, c.updated].sum() == 0 and s.tables[0, w, c.updated].sum() > 0
 
 
-def test_swamping_fraction_matches_brute_force() -> None:
+@pytest.mark.parametrize("direct", [1 << 17, 1])  # parameters packed / compared one by one
+def test_swamping_fraction_matches_brute_force(monkeypatch: pytest.MonkeyPatch, direct: int) -> None:
+    monkeypatch.setattr(monitor_mod, "_DIRECT", direct)
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(12, 10), nn.Linear(10, 2))
     with torch.no_grad():
@@ -388,7 +396,9 @@ def test_swamping_fraction_matches_brute_force() -> None:
     assert expected[:, 2].sum() < expected[:, 1].sum()  # fp16 keeps more small updates than bf16
 
 
-def test_swamping_sees_updates_of_non_contiguous_parameters() -> None:
+@pytest.mark.parametrize("direct", [1 << 17, 1])
+def test_swamping_sees_updates_of_non_contiguous_parameters(monkeypatch: pytest.MonkeyPatch, direct: int) -> None:
+    monkeypatch.setattr(monitor_mod, "_DIRECT", direct)
     # A channels_last convolution weight is not contiguous: a flattened view of it is a copy, which the
     # optimizer step does not update. The new values must be read from the parameter itself.
     torch.manual_seed(4)
@@ -408,7 +418,44 @@ def test_swamping_sees_updates_of_non_contiguous_parameters() -> None:
     assert got == expected
 
 
-def test_no_host_sync_until_read(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("direct", [1 << 17, 1])
+def test_two_backward_passes_count_activations_twice_and_the_last_weight_gradient(
+    monkeypatch: pytest.MonkeyPatch, direct: int
+) -> None:
+    monkeypatch.setattr(monitor_mod, "_DIRECT", direct)
+    model = mlp()
+    mon = GradientMonitor(model, formats=("fp16",), every=1)
+    acts: dict[str, list[torch.Tensor]] = {}
+    def keep(name: str):  # type: ignore[no-untyped-def]
+        def hook(m: nn.Module, a: object, out: torch.Tensor) -> None:
+            out.register_hook(lambda g: acts.setdefault(name, []).append(g))
+
+        return hook
+
+    for name, mod in model.named_modules():
+        if name:
+            mod.register_forward_hook(keep(name))
+    for x, y in batches(2):
+        nn.functional.cross_entropy(model(x), y).backward()  # accumulates into .grad
+    mon.step()
+    s = mon.read()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    for i, e in enumerate(s.entries):
+        if e.kind == "weight":
+            want = gradient_stats(grads[e.name], ["fp16"]).numpy()
+        else:
+            rows = [gradient_stats(g, ["fp16"]).numpy() for g in acts[e.name]]
+            assert len(rows) == 2
+            want = rows[0].copy()
+            want[Columns.NUMEL :] += rows[1][Columns.NUMEL :]
+            want[Columns.MAX_ABS] = max(r[Columns.MAX_ABS] for r in rows)
+            want[Columns.MIN_ABS] = min(r[Columns.MIN_ABS] for r in rows)
+        assert np.array_equal(s.total[i], want), e.name
+
+
+@pytest.mark.parametrize("direct", [1 << 17, 1])
+def test_no_host_sync_until_read(monkeypatch: pytest.MonkeyPatch, direct: int) -> None:
+    monkeypatch.setattr(monitor_mod, "_DIRECT", direct)
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     mon = GradientMonitor(model, every=1, optimizer=opt, scaler=lossscale.LossScaler(init_scale=4.0))
@@ -506,3 +553,20 @@ def test_hooks_are_attached_only_for_sampled_steps() -> None:
     assert list(mon.read().steps) == [0, 3, 6]
     mon.remove()
     assert not model[0]._forward_hooks and not opt._optimizer_step_pre_hooks
+
+
+@pytest.mark.parametrize("fmt", [BF16, FP16, E5M2])
+def test_round_eq_native_casts_agree_with_the_bit_level_quantize(fmt: FloatFormat) -> None:
+    # The swamping test "round_F(new) == round_F(old)" uses torch's casts for these formats; the oracle is
+    # lossscale's own bit-level kernel (impl="bits"), on random FP32 patterns of every binade plus the
+    # edges: ties at zero, the subnormal/normal boundary, the overflow tie, inf, NaN, signed zeros.
+    g = torch.Generator().manual_seed(7)
+    bits = torch.randint(-(2**31), 2**31 - 1, (200_000,), generator=g, dtype=torch.int64).to(torch.int32)
+    a = bits.view(torch.float32)
+    t = kernel_mod.thresholds(fmt)
+    edges = torch.tensor([0.0, -0.0, t.zero, t.subnormal, t.finite, math.inf, math.nan, fmt.max, fmt.min_normal])
+    near = torch.cat([edges, torch.nextafter(edges, torch.full_like(edges, math.inf)), -edges])
+    a = torch.cat([a, near, a * 2.0**-100, a * 2.0**-120])
+    for b in (a.flip(0), torch.nextafter(a, torch.full_like(a, math.inf)), -a, a * 1.001):
+        want = quantize(a, fmt, impl="bits") == quantize(b, fmt, impl="bits")
+        assert torch.equal(kernel_mod._round_eq(a, b, fmt), want)

@@ -27,6 +27,8 @@ import copy
 import dataclasses
 import itertools
 import math
+import types
+import typing
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -134,6 +136,68 @@ def _fits(max_abs: float, fmt: FloatFormat, log2_scale: int) -> bool:
     return math.ldexp(max_abs, log2_scale) <= thresholds(fmt).finite
 
 
+# ----------------------------------------------------------------------------------------------------------
+# JSON codec derived from the dataclass fields (the nested types are read from the annotations), so that a
+# new field is written and read back without touching to_dict/from_dict.
+
+
+def _encode(value: Any) -> Any:
+    """A field value as JSON-ready data: nested dataclasses through their ``to_dict``, mappings as dicts,
+    tuples as lists, numpy scalars as Python numbers."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        to_dict = getattr(value, "to_dict", None)
+        return to_dict() if callable(to_dict) else _fields_to_dict(value)
+    if isinstance(value, Mapping):
+        return {k: _encode(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_encode(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _fields_to_dict(obj: Any, skip: Iterable[str] = ()) -> dict[str, Any]:
+    skipped = set(skip)
+    return {f.name: _encode(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.name not in skipped}
+
+
+def _decode(hint: Any, value: Any) -> Any:
+    """JSON data back into the annotated type (dataclasses with a ``from_dict``, ``X | None``,
+    ``Mapping[str, X]``, ``tuple[X, ...]``; anything else as it is)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _decode(inner, value)
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return hint.from_dict(value)  # type: ignore[attr-defined]
+    if origin is not None and isinstance(value, Mapping):
+        args = typing.get_args(hint)
+        return {k: _decode(args[1], v) for k, v in value.items()} if len(args) == 2 else dict(value)
+    if origin is tuple and isinstance(value, (list, tuple)):
+        return tuple(_decode(typing.get_args(hint)[0], v) for v in value)
+    return value
+
+
+def _fields_from_dict(cls: Any, d: Mapping[str, Any], given: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Constructor arguments of the dataclass ``cls`` from ``d`` (its ``to_dict`` output): every field, decoded
+    by its annotation; ``given`` supplies fields that ``to_dict`` writes elsewhere. A field missing from ``d``
+    takes its default, or raises ValueError naming it when it has none."""
+    if not isinstance(d, Mapping):
+        raise TypeError(f"{cls.__name__}.from_dict: expected a mapping, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    out: dict[str, Any] = dict(given or {})
+    for f in dataclasses.fields(cls):
+        if f.name in out:
+            continue
+        if f.name in d:
+            out[f.name] = _decode(hints[f.name], d[f.name])
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ValueError(f"{cls.__name__}.from_dict: missing field {f.name!r}")
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class ScaleInterval:
     """Power-of-two loss scales ``2^log2_min .. 2^log2_max`` (inclusive)."""
@@ -157,7 +221,12 @@ class ScaleInterval:
         return isinstance(scale, (int, float)) and self.min <= scale <= self.max
 
     def to_dict(self) -> dict[str, float | int]:
-        return {"min": self.min, "max": self.max, "log2_min": self.log2_min, "log2_max": self.log2_max}
+        """The fields plus the scales themselves (``min``, ``max``), which :meth:`from_dict` ignores."""
+        return {"min": self.min, "max": self.max, **_fields_to_dict(self)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ScaleInterval:
+        return cls(**_fields_from_dict(cls, d))
 
     def __str__(self) -> str:
         return f"[2^{self.log2_min}, 2^{self.log2_max}]"
@@ -238,19 +307,13 @@ class FormatDiagnosis:
     layer_scales: Mapping[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "underflow_fraction": self.underflow_fraction,
-            "overflow_fraction": self.overflow_fraction,
-            "subnormal_fraction": self.subnormal_fraction,
-            "needs_scaling": self.needs_scaling,
-            "recommended_scale": None if self.recommended_scale is None else self.recommended_scale.to_dict(),
-            "recommended_scale_exact": self.recommended_scale_exact,
-            "swamping_fraction": self.swamping_fraction,
-            "weight": dict(self.weight),
-            "activation": dict(self.activation),
-            "recommendation": self.recommendation,
-            "layer_scales": None if self.layer_scales is None else dict(self.layer_scales),
-        }
+        """Every field but ``name`` (the key this entry is stored under in ``Diagnosis.formats``)."""
+        return _fields_to_dict(self, skip=("name",))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], name: str | None = None) -> FormatDiagnosis:
+        """Inverse of :meth:`to_dict`; ``name`` (the entry's key) unless ``d`` holds one."""
+        return cls(**_fields_from_dict(cls, d, None if name is None else {"name": name}))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,16 +331,11 @@ class LayerDiagnosis:
     numerically_zero: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "kind": self.kind,
-            "numel": self.numel,
-            "zeros": self.zeros,
-            "numerically_zero": self.numerically_zero,
-            "max_abs": self.max_abs,
-            "min_abs_nonzero": self.min_abs_nonzero,
-            "formats": {k: dict(v) for k, v in self.formats.items()},
-        }
+        return _fields_to_dict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> LayerDiagnosis:
+        return cls(**_fields_from_dict(cls, d))
 
 
 def _region_fractions(row: np.ndarray, cols: Columns, f: int) -> dict[str, float]:
@@ -419,74 +477,38 @@ class Diagnosis:
         nz = np.nonzero(self.hist)[0]
         first = int(nz[0]) if nz.size else 0
         last = int(nz[-1]) + 1 if nz.size else 0
-        return {
-            "schema_version": self.schema_version,
-            "source": self.source,
-            "source_note": SOURCE_NOTES.get(self.source, ""),
-            "covers": self.meta.get("covers", COVERAGE["diagnosis"]),
-            "threshold": self.threshold,
-            "steps": self.steps,
-            "numel": self.numel,
-            "zeros": self.zeros,
-            "numerically_zero": self.numerically_zero,
-            "nonfinite": self.nonfinite,
-            "max_abs": self.max_abs,
-            "formats": {name: fd.to_dict() for name, fd in self.formats.items()},
-            "layers": [layer.to_dict() for layer in self.layers],
-            "histogram": {
-                "bins": "ceil(log2|g|): bin c counts nonzero finite gradients with 2^(c-1) < |g| <= 2^c",
-                "first_log2": first + HIST_MIN_LOG2,
-                "weight": [int(v) for v in self.hist_weight[first:last]],
-                "activation": [int(v) for v in self.hist_activation[first:last]],
-            },
-            "emulation": None if self.emulation is None else {k: dict(v) for k, v in self.emulation.items()},
-            "meta": dict(self.meta),
+        out = _fields_to_dict(self, skip=("hist_weight", "hist_activation"))
+        out["source_note"] = SOURCE_NOTES.get(self.source, "")
+        out["covers"] = self.meta.get("covers", COVERAGE["diagnosis"])
+        out["histogram"] = {
+            "bins": "ceil(log2|g|): bin c counts nonzero finite gradients with 2^(c-1) < |g| <= 2^c",
+            "first_log2": first + HIST_MIN_LOG2,
+            "weight": [int(v) for v in self.hist_weight[first:last]],
+            "activation": [int(v) for v in self.hist_activation[first:last]],
         }
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Diagnosis:
-        """Rebuild from :meth:`to_dict` output (as read back from ``diagnosis.json``)."""
+        """Rebuild from :meth:`to_dict` output (as read back from ``diagnosis.json``). Fields are read by their
+        annotations; the histogram (stored trimmed to its nonzero bins) is expanded to the full bin range."""
+        if not isinstance(d, Mapping):
+            raise TypeError(f"Diagnosis.from_dict: expected a mapping, got {type(d).__name__}")
         if d.get("schema_version") != SCHEMA_VERSION:
             raise ValueError(f"schema_version must be {SCHEMA_VERSION}, got {d.get('schema_version')!r}")
         from .monitor import HIST_MAX_LOG2
 
+        if "histogram" not in d:
+            raise ValueError("Diagnosis.from_dict: missing field 'histogram'")
         nb = HIST_MAX_LOG2 - HIST_MIN_LOG2 + 1
         h = d["histogram"]
         off = int(h["first_log2"]) - HIST_MIN_LOG2
         hw, ha = np.zeros(nb), np.zeros(nb)
         hw[off : off + len(h["weight"])] = h["weight"]
         ha[off : off + len(h["activation"])] = h["activation"]
-        formats = {}
-        for name, f in d["formats"].items():
-            rs = f["recommended_scale"]
-            formats[name] = FormatDiagnosis(
-                name=name,
-                underflow_fraction=f["underflow_fraction"],
-                subnormal_fraction=f["subnormal_fraction"],
-                overflow_fraction=f["overflow_fraction"],
-                needs_scaling=f["needs_scaling"],
-                recommended_scale=None if rs is None else ScaleInterval(rs["log2_min"], rs["log2_max"]),
-                swamping_fraction=f["swamping_fraction"],
-                weight=f["weight"],
-                activation=f["activation"],
-                recommendation=f["recommendation"],
-                recommended_scale_exact=f.get("recommended_scale_exact", True),
-                layer_scales=f.get("layer_scales"),
-            )
-        layers = tuple(
-            LayerDiagnosis(
-                name=x["name"], kind=x["kind"], numel=x["numel"], zeros=x["zeros"], max_abs=x["max_abs"],
-                min_abs_nonzero=x["min_abs_nonzero"], formats=x["formats"],
-                numerically_zero=x.get("numerically_zero", 0),
-            )
-            for x in d["layers"]
-        )
-        return cls(
-            formats=formats, layers=layers, threshold=d["threshold"], steps=d["steps"], source=d["source"],
-            numel=d["numel"], zeros=d["zeros"], nonfinite=d["nonfinite"], max_abs=d["max_abs"],
-            hist_weight=hw, hist_activation=ha, meta=d.get("meta", {}), emulation=d.get("emulation"),
-            numerically_zero=d.get("numerically_zero", 0),
-        )
+        formats = {name: FormatDiagnosis.from_dict(f, name) for name, f in d.get("formats", {}).items()}
+        given = {"formats": formats, "hist_weight": hw, "hist_activation": ha}
+        return cls(**_fields_from_dict(cls, d, given))
 
     def _zero_note(self) -> list[str]:
         if not self.numerically_zero:

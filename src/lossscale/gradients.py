@@ -28,7 +28,8 @@ import torch
 
 from .diagnose import Diagnosis, _check_threshold
 from .formats import FormatLike
-from .monitor import Columns, Entry, MonitorConfig, MonitorStats, _combine_rows, _swamping_counts, gradient_stats
+from .monitor import Columns, Entry, MonitorConfig, MonitorStats, gradient_stats
+from .monitor._kernel import _combine_rows, _swamping_counts
 
 __all__ = ["KINDS", "diagnose_gradients", "load_npz", "save_npz"]
 

@@ -13,6 +13,7 @@ tooling reports the same quantities (underflow %, overflow %) per tensor.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import torch
 
@@ -42,9 +43,23 @@ class SiteCounts:
     overflow: int = 0
 
     @property
-    def underflow_fraction(self) -> float:
-        """``underflow / nonzero`` (0.0 when nothing nonzero entered)."""
+    def underflow_fraction_of_nonzero(self) -> float:
+        """``underflow / nonzero`` (0.0 when nothing nonzero entered): of the **nonzero** values entering the
+        site (a value that was already zero cannot underflow). Not the same denominator as
+        :attr:`lossscale.diagnose.FormatDiagnosis.underflow_fraction`, which is over all elements."""
         return self.underflow / self.nonzero if self.nonzero else 0.0
+
+    @property
+    def underflow_fraction(self) -> float:
+        """Deprecated alias of :attr:`underflow_fraction_of_nonzero` (the library's ``underflow_fraction``
+        elsewhere is over all elements; this one never was)."""
+        warnings.warn(
+            "SiteCounts.underflow_fraction is deprecated: use underflow_fraction_of_nonzero (same value, "
+            "underflow / nonzero)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.underflow_fraction_of_nonzero
 
     @property
     def subnormal_fraction(self) -> float:
@@ -155,7 +170,7 @@ class RoundingCounters:
         rows = [f"{'site':<44} {'format':<9} {'elements':>12} {'underflow':>11} {'subnormal':>11} {'overflow':>10}"]
         for (site, fmt), c in self.read().items():
             rows.append(
-                f"{site:<44} {fmt:<9} {c.elements:>12} {c.underflow_fraction:>10.3%} "
+                f"{site:<44} {fmt:<9} {c.elements:>12} {c.underflow_fraction_of_nonzero:>10.3%} "
                 f"{c.subnormal_fraction:>10.3%} {c.overflow_fraction:>10.3%}"
             )
         return "\n".join(rows)

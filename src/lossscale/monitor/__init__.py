@@ -22,12 +22,9 @@ holds the FP32 subnormals). Because ``2^(c-1) < |g| <= 2^c`` is exactly what sca
 whole bins, the histogram answers "what would underflow at scale 2^k" exactly for formats with subnormals
 (see :mod:`lossscale.diagnose`).
 
-How (the kernel, :func:`_segment_stats`): the FP32 bit pattern of ``|g|`` is an integer in the same order as
-``|g|``, and its exponent field names the binade. Every region edge is either a binade edge or lies inside
-one binade, so one integer key per element, ``binade * (K + 1) + #(edges inside its binade below |g|)``
-(the edges looked up per binade), and one histogram of (row, key) give every count above by cumulative sums.
-Many gradients are packed into one flat chunk with a row index per element, so the number of kernels per
-step does not grow with the number of layers.
+The counting kernels (thresholds, the packed histogram kernel, the swamping counts) live in
+:mod:`lossscale.monitor._kernel`, which knows nothing of modules or hooks; this module hooks a model and an
+optimizer, gathers the gradients and keeps the tables.
 
 With an ``optimizer`` it also measures **swamping**: around each sampled ``optimizer.step()`` (optimizer step
 pre/post hooks, the public ``torch.optim.Optimizer`` API), an element is *updated* when its FP32 value
@@ -54,7 +51,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal, Protocol
@@ -63,9 +59,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._optimizers import check_not_meta, unwrap_optimizer
-from .formats import FP32, FloatFormat, FormatLike
-from .quantize import quantize
+from .._optimizers import check_not_meta, unwrap_optimizer
+from ..formats import FloatFormat, FormatLike
+from ._kernel import (
+    HIST_MAX_LOG2,
+    HIST_MIN_LOG2,
+    Columns,
+    FormatThresholds,
+    _combine_rows,
+    _combine_tables,
+    _Raw,
+    _swamping_counts,
+    _tables,
+    gradient_stats,
+    thresholds,
+)
 
 __all__ = [
     "HIST_MAX_LOG2",
@@ -83,352 +91,6 @@ __all__ = [
 
 Source = Literal["fp32", "emulated"]
 Kind = Literal["weight", "activation"]
-
-# ceil(log2 |g|) over positive finite FP32 values, bin c holding 2^(c-1) < |g| <= 2^c, from the first normal
-# binade to 2^128 (> max = 2^128 - 2^104); the lowest bin, -126, also holds every FP32 subnormal (0, 2^-126).
-HIST_MIN_LOG2 = -126
-HIST_MAX_LOG2 = 128
-_NBINS = HIST_MAX_LOG2 - HIST_MIN_LOG2 + 1
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Exact thresholds, from quantize itself
-
-
-@dataclasses.dataclass(frozen=True)
-class FormatThresholds:
-    """The largest FP32 magnitudes that round to zero / below min_normal / to a finite value in ``fmt``.
-
-    ``|g| <= zero``: underflows to 0. ``zero < |g| <= subnormal``: rounds to a subnormal (never, when the
-    format flushes subnormals: then ``subnormal == zero``). ``|g| > finite``: overflows (inf included).
-    """
-
-    fmt: FloatFormat
-    zero: float
-    subnormal: float
-    finite: float
-
-
-def _f32(x: float) -> torch.Tensor:
-    return torch.tensor([x], dtype=torch.float32)
-
-
-def _largest(pred: Callable[[torch.Tensor], bool], guess: float) -> float:
-    """Largest non-negative FP32 ``x`` with ``pred(x)`` true, for a predicate that is true on ``[0, T]`` and
-    false above (quantize is monotone), starting from a guess near the boundary."""
-    x = _f32(guess).clamp(min=0.0)
-    zero, inf = _f32(0.0), _f32(math.inf)
-    while not pred(x):  # walk down to the first true value
-        x = torch.nextafter(x, zero)
-    while True:  # walk up while the next value is still true
-        up = torch.nextafter(x, inf)
-        if bool(torch.equal(up, x)) or not pred(up):
-            return float(x.item())
-        x = up
-
-
-def _widened(fmt: FloatFormat) -> FloatFormat:
-    """A format with fmt's grid near fmt.max but one more exponent bit, to see where rounding *would* go past
-    max in formats that saturate (those with neither inf nor NaN)."""
-    return FloatFormat(fmt.exponent_bits + 1, fmt.mantissa_bits, "ieee" if fmt.mantissa_bits else "nan")
-
-
-def thresholds(fmt: FormatLike) -> FormatThresholds:
-    """Exact FP32 thresholds of ``fmt`` (cached). Computed once per format on the CPU by asking
-    :func:`lossscale.quantize` (a few host syncs, at construction time, never per step).
-
-    Example:
-        >>> from lossscale.monitor import thresholds
-        >>> t = thresholds("fp16")
-        >>> t.zero == 2.0**-25, t.finite < 65520.0 < 65520.0 + 2**-8
-        (True, True)
-    """
-    return _thresholds(FloatFormat.parse(fmt))
-
-
-@functools.cache
-def _thresholds(fmt: FloatFormat) -> FormatThresholds:
-    full_q = math.ldexp(1.0, fmt.emin - fmt.mantissa_bits)  # subnormal spacing, flushed or not
-
-    def rounds_to_zero(x: torch.Tensor) -> bool:
-        return bool(quantize(x, fmt)[0] == 0)
-
-    def rounds_below_normal(x: torch.Tensor) -> bool:
-        return bool(quantize(x, fmt)[0].abs() < fmt.min_normal)
-
-    over = fmt if fmt.nonfinite != "none" else _widened(fmt)
-
-    def rounds_finite(x: torch.Tensor) -> bool:
-        return bool(quantize(x, over)[0] <= fmt.max)  # False for inf and NaN
-
-    sub = _largest(rounds_below_normal, fmt.min_normal - full_q / 2)
-    zero = _largest(rounds_to_zero, full_q / 2 if fmt.subnormals else fmt.min_normal - full_q / 2)
-    fin = _largest(rounds_finite, fmt.max + math.ldexp(1.0, fmt.emax - fmt.mantissa_bits - 1))
-    return FormatThresholds(fmt, zero, sub, fin)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Column layout of a statistics row
-
-
-class Columns:
-    """Column layout of one statistics row (float64; counts are exact integers below 2^53).
-
-    ``MAX_ABS``, ``MIN_ABS`` (smallest nonzero |g|, inf if none); then counts: ``NUMEL``, ``ZEROS``, ``INF``,
-    ``NAN``; per format ``f``: ``underflow(f)``, ``subnormal(f)``, ``overflow(f)``; the exponent histogram
-    (``hist``); for weights ``UPDATED`` and per format ``swamped(f)``. Every column from ``NUMEL`` on adds up
-    across gradients and steps; the first two combine by max and min.
-    """
-
-    MAX_ABS = 0
-    MIN_ABS = 1
-    NUMEL = 2
-    ZEROS = 3
-    INF = 4
-    NAN = 5
-    _FMT0 = 6
-
-    def __init__(self, n_formats: int) -> None:
-        self.n_formats = n_formats
-        self.hist0 = self._FMT0 + 3 * n_formats
-        self.updated = self.hist0 + _NBINS
-        self.width = self.updated + 1 + n_formats
-
-    def underflow(self, f: int) -> int:
-        return self._FMT0 + 3 * f
-
-    def subnormal(self, f: int) -> int:
-        return self._FMT0 + 3 * f + 1
-
-    def overflow(self, f: int) -> int:
-        return self._FMT0 + 3 * f + 2
-
-    @property
-    def hist(self) -> slice:
-        return slice(self.hist0, self.hist0 + _NBINS)
-
-    def swamped(self, f: int) -> int:
-        return self.updated + 1 + f
-
-
-# FP32 magnitude bit patterns (int32): 0 | exponent (8) | mantissa (23). A pattern is monotone in |x|, so region
-# tests are integer compares. With p = bits - 1, the "binade index" b = (p >> 23) + 1 is
-#     0: x == 0        1: 0 < |x| <= 2^-126 (FP32 subnormals and 2^-126)
-#     2..255: 2^(b-128) < |x| <= 2^(b-127), i.e. ceil(log2|x|) = b - 127 (255 also holds inf)    256: NaN
-_SIGN_OFF = 0x7FFFFFFF
-_INF_BITS = 0x7F800000
-_NB_BINADES = 257
-
-
-def _f32_bits(v: float) -> int:
-    return int(np.array(v, dtype=np.float32).view(np.int32))
-
-
-def _binade(bits: int) -> int:
-    return ((bits - 1) >> 23) + 1
-
-
-class _Tables:
-    """Constants of the statistics kernel for one tuple of formats (host lists; device copies cached).
-
-    Every region edge ``T`` (the thresholds of :func:`thresholds`, plus 0 and FP32 max) is either the top
-    edge of a binade (a power of two >= 2^-126, or 0) or strictly inside one. Inside ones go into lookup
-    tables ``lut[k][b]`` (the k-th edge inside binade b, ascending; INT32_MAX when none), so that one key
-    ``b * (K + 1) + #(edges inside b below |x|)`` per element orders elements like ``|x|`` and one
-    histogram of keys answers every ``#(|x| <= T)`` with a cumulative sum.
-    """
-
-    def __init__(self, formats: Sequence[FloatFormat]) -> None:
-        self.formats = tuple(formats)
-        self.cols = Columns(len(formats))
-        ths = [thresholds(f) for f in self.formats]
-        edges = sorted({0.0, FP32.max, *(v for t in ths for v in (t.zero, t.subnormal, t.finite))})
-        inside: dict[int, list[int]] = {}
-        for v in edges:
-            bits = _f32_bits(v)
-            if v != 0.0 and not (bits & 0x7FFFFF == 0 and bits >= 0x00800000):
-                inside.setdefault(_binade(bits), []).append(bits)
-        self.k = max((len(v) for v in inside.values()), default=0)
-        self.stride = _NB_BINADES * (self.k + 1)
-        luts = [[_SIGN_OFF] * _NB_BINADES for _ in range(self.k)]
-        for b, lst in inside.items():
-            for k, bits in enumerate(sorted(lst)):
-                luts[k][b] = bits
-        self.luts = luts
-
-        def pos(v: float) -> int:
-            """Key position p with #(|x| <= v) = cum[p]."""
-            bits = _f32_bits(v)
-            b = _binade(bits)
-            if v != 0.0 and b in inside and bits in inside[b]:
-                return b * (self.k + 1) + sorted(inside[b]).index(bits)
-            return b * (self.k + 1) + self.k
-
-        hi: list[int] = []
-        lo: list[int] = []
-        self.zero_pos = pos(0.0)
-        self.max_pos = pos(FP32.max)
-        self.inf_pos = 255 * (self.k + 1) + self.k  # |x| <= inf: everything but NaN
-        for t in ths:
-            hi += [pos(t.zero), pos(t.subnormal), self.inf_pos]
-            lo += [self.zero_pos, pos(t.zero), pos(t.finite)]
-        self.hi, self.lo = hi, lo
-        self._cache: dict[torch.device, tuple[torch.Tensor, ...]] = {}
-
-    def on(self, device: torch.device) -> tuple[torch.Tensor, ...]:
-        got = self._cache.get(device)
-        if got is None:
-            got = (
-                _device_const(self.hi, torch.long, device),
-                _device_const(self.lo, torch.long, device),
-                *(_device_const(lut, torch.int32, device) for lut in self.luts),
-            )
-            self._cache[device] = got
-        return got
-
-
-def _device_const(values: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small constant tensor on ``device``. Off the CPU it is written with scalar fills rather than copied
-    from host memory: a pageable host-to-device copy would wait for the device (a sync)."""
-    if device.type == "cpu":
-        return torch.tensor(list(values), dtype=dtype)
-    fill = collections.Counter(values).most_common(1)[0][0]
-    out = torch.full((len(values),), fill, dtype=dtype, device=device)
-    for i, v in enumerate(values):
-        if v != fill:
-            out[i] = v
-    return out
-
-
-@functools.lru_cache(maxsize=32)
-def _tables(formats: tuple[FloatFormat, ...]) -> _Tables:
-    return _Tables(formats)
-
-
-def gradient_stats(g: torch.Tensor, formats: Sequence[FormatLike]) -> torch.Tensor:
-    """One statistics row (float64, :class:`Columns` layout) for the tensor ``g``. Does not sync.
-
-    Swamping columns are zero (they need an optimizer step; see :class:`GradientMonitor`).
-
-    Example:
-        >>> import torch
-        >>> from lossscale.monitor import Columns, gradient_stats
-        >>> row = gradient_stats(torch.tensor([0.0, 1e-9, 1e-6, 1.0, 7e4]), ["fp16"])
-        >>> c = Columns(1)
-        >>> [int(row[i]) for i in (c.NUMEL, c.ZEROS, c.underflow(0), c.subnormal(0), c.overflow(0))]
-        [5, 1, 1, 1, 1]
-    """
-    tab = _tables(tuple(FloatFormat.parse(f) for f in formats))
-    return _segment_stats(g.detach().reshape(-1), None, 1, tab)[0]
-
-
-def _segment_stats(
-    x: torch.Tensor,
-    seg: torch.Tensor | None,
-    n_seg: int,
-    tab: _Tables,
-    key_off: torch.Tensor | None = None,
-    pieces: tuple[Sequence[int], torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """Statistics rows ``[n_seg, Columns.width]`` (float64) of a flat tensor whose element ``i`` belongs to
-    row ``seg[i]`` (all to row 0 when ``seg`` is None). A fixed number of element-wise integer passes and
-    one histogram, however many gradients were packed into ``x``; no sync. Optional precomputed layout:
-    ``key_off`` (int32, ``seg * tab.stride``) and ``pieces`` (the lengths of the consecutive runs of equal
-    ``seg`` and, on the device, each run's row), which lets the extremes be reduced run by run."""
-    cols = tab.cols
-    dev = x.device
-    hi, lo, *luts = tab.on(dev)
-    a = x if x.dtype == torch.float32 else x.float()  # bf16/fp16 exactly; fp64 judged by its FP32 rounding
-    bits = a.contiguous().view(torch.int32).bitwise_and(_SIGN_OFF)  # |x| as an ordered integer
-    p = bits - 1
-    # int32 arithmetic (half the memory traffic of int64) until the one conversion the histogram needs.
-    b = p.bitwise_right_shift(23).add_(1)  # binade index, see above
-    key = b * (tab.k + 1)
-    for lut in luts:
-        key.add_(bits > lut.index_select(0, b))  # edges inside this element's binade that lie below |x|
-    if seg is not None:
-        key.add_(key_off if key_off is not None else (seg * tab.stride).to(torch.int32))
-    counts = torch.zeros(n_seg * tab.stride, dtype=torch.int64, device=dev)
-    counts.scatter_add_(0, key.to(torch.int64), torch.ones(1, dtype=torch.int64, device=dev).expand(key.numel()))
-    counts = counts.view(n_seg, _NB_BINADES, tab.k + 1)
-    cum = counts.view(n_seg, tab.stride).cumsum(1).to(torch.float64)
-    numel = cum[:, -1:]
-    per_format = cum[:, hi] - cum[:, lo]
-    zeros = cum[:, tab.zero_pos : tab.zero_pos + 1]
-    n_inf = cum[:, tab.inf_pos : tab.inf_pos + 1] - cum[:, tab.max_pos : tab.max_pos + 1]
-    n_nan = numel - cum[:, tab.inf_pos : tab.inf_pos + 1]
-    hist = counts[:, 1:256].sum(2).to(torch.float64)  # ceil(log2|x|) = -126 .. 128
-    hist[:, -1:] -= n_inf
-
-    # Extremes on the integer patterns: NaN counts as inf for the max; for the min, p = bits - 1 sends 0 to
-    # -1, which the mask turns into INT32_MAX (ignored), and keeps every other pattern's order.
-    big = bits.clamp_(max=_INF_BITS)
-    small = p.bitwise_and_(_SIGN_OFF)
-    if seg is None:
-        if big.numel():
-            mx = big.amax().reshape(1)
-            mn = small.amin().reshape(1)
-        else:
-            mx = torch.zeros(1, dtype=torch.int32, device=dev)
-            mn = torch.full((1,), _SIGN_OFF, dtype=torch.int32, device=dev)
-    elif pieces is not None and len(pieces[0]) * 4096 <= big.numel():
-        # Few long runs: a plain reduction per run, then per row (much cheaper than a scatter per element).
-        lengths, run_rows = pieces
-        mx_runs = torch.stack([t.amax() for t in torch.split(big, list(lengths))])
-        mn_runs = torch.stack([t.amin() for t in torch.split(small, list(lengths))])
-        mx = torch.zeros(n_seg, dtype=torch.int32, device=dev).scatter_reduce_(0, run_rows, mx_runs, "amax")
-        mn = torch.full((n_seg,), _SIGN_OFF, dtype=torch.int32, device=dev)
-        mn = mn.scatter_reduce_(0, run_rows, mn_runs, "amin")
-    else:
-        mx = torch.zeros(n_seg, dtype=torch.int32, device=dev).scatter_reduce_(0, seg, big, "amax")
-        mn = torch.full((n_seg,), _SIGN_OFF, dtype=torch.int32, device=dev).scatter_reduce_(0, seg, small, "amin")
-    max_abs = mx.view(torch.float32).to(torch.float64).view(n_seg, 1)
-    none = mn >= _INF_BITS  # nothing nonzero and finite-or-inf: min undefined
-    min_abs = torch.where(none, _INF_BITS, mn + 1).view(torch.float32).to(torch.float64).view(n_seg, 1)
-    swamp = torch.zeros(n_seg, 1 + cols.n_formats, dtype=torch.float64, device=dev)
-    return torch.cat([max_abs, min_abs, numel, zeros, n_inf, n_nan, per_format, hist, swamp], dim=1)
-
-
-def _round_eq(a: torch.Tensor, b: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
-    """``round_fmt(a) == round_fmt(b)`` elementwise (no sync). For bf16/fp16 the comparison is made in the
-    narrow dtype itself, whose cast is the same round-to-nearest-even as :func:`quantize`'s native path."""
-    dtype = fmt.torch_dtype
-    if dtype in (torch.bfloat16, torch.float16) and a.dtype == torch.float32:
-        return a.to(dtype) == b.to(dtype)
-    return quantize(a, fmt) == quantize(b, fmt)
-
-
-def _swamp_masks(n_formats: int, device: torch.device) -> torch.Tensor:
-    """``[2^(1+F), 1+F]`` float64: code c counts as updated when bit 0 is set, as swamped in format i when
-    bits 0 and i+1 are set. Built on the device from arange (no host-to-device copy, which could sync)."""
-    codes = torch.arange(1 << (1 + n_formats), device=device)
-    changed = (codes & 1) != 0
-    cols = [changed] + [changed & (((codes >> (i + 1)) & 1) != 0) for i in range(n_formats)]
-    return torch.stack(cols, dim=1).to(torch.float64)
-
-
-def _swamping_counts(
-    old: torch.Tensor, new: torch.Tensor, seg: torch.Tensor | None, n_seg: int, formats: Sequence[FloatFormat]
-) -> torch.Tensor:
-    """``[n_seg, 1 + len(formats)]`` float64: per row, updated = #(new != old), then per format swamped =
-    #(new != old and round_f(new) == round_f(old)). Flat inputs; no sync.
-
-    Each element gets a small code (bit 0: changed; bit i+1: same rounding in format i) and one histogram of
-    (row, code) counts everything."""
-    if old.dtype != torch.float32:
-        old, new = old.float(), new.float()
-    dev = old.device
-    n_codes = 1 << (1 + len(formats))
-    code = (new != old).to(torch.uint8)
-    for i, f in enumerate(formats):
-        code.bitwise_or_(_round_eq(new, old, f).to(torch.uint8).bitwise_left_shift_(i + 1))
-    key = code.to(torch.int64)
-    if seg is not None:
-        key.add_(seg, alpha=n_codes)
-    hist = torch.zeros(n_seg * n_codes, dtype=torch.int64, device=dev)
-    hist.scatter_add_(0, key, torch.ones(1, dtype=torch.int64, device=dev).expand(key.numel()))
-    masks = _swamp_masks(len(formats), dev)
-    return hist.view(n_seg, n_codes).to(torch.float64) @ masks
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -549,17 +211,6 @@ class MonitorStats:
         return _combine_rows(rows, self.columns)
 
 
-def _combine_rows(rows: np.ndarray, cols: Columns) -> np.ndarray:
-    out = np.zeros(cols.width, dtype=np.float64)
-    if rows.shape[0] == 0:
-        out[cols.MIN_ABS] = math.inf
-        return out
-    out[cols.NUMEL:] = rows[:, cols.NUMEL:].sum(axis=0)
-    out[cols.MAX_ABS] = rows[:, cols.MAX_ABS].max()
-    out[cols.MIN_ABS] = rows[:, cols.MIN_ABS].min()
-    return out
-
-
 def _tensors(obj: Any) -> Iterator[torch.Tensor]:
     if isinstance(obj, torch.Tensor):
         yield obj
@@ -574,11 +225,13 @@ def _tensors(obj: Any) -> Iterator[torch.Tensor]:
 # Elements per packed chunk: bounds the temporaries of one statistics pass (about 30 bytes per element) and
 # amortises the per-op overhead over many small gradients.
 _CHUNK = 1 << 20
+# Gradients (and parameters, for swamping) at least this large are measured on their own as they come, without
+# the copy that packing (or keeping a weight gradient until step()) costs; the per-tensor overhead of about
+# ten small kernels is then well amortised.
+_DIRECT = 1 << 17
 
 
-def _pack(
-    pieces: Sequence[tuple[int, torch.Tensor]], chunk: int | None = None
-) -> list[list[tuple[int, torch.Tensor]]]:
+def _pack(pieces: Sequence[tuple[int, torch.Tensor]], chunk: int | None = None) -> list[list[tuple[int, torch.Tensor]]]:
     """Split flat tensors (tagged with their row) into slices and group them into chunks of at most ``chunk``
     elements, per device, in order. Statistics are additive (max/min for the extremes), so slicing a tensor
     across chunks changes nothing."""
@@ -610,13 +263,16 @@ class GradientMonitor:
 
     Algorithm, on a sampled step (``step_index % every == 0``)::
 
-        during backward:   keep each activation gradient (hook on each leaf module's output) and a copy
-                           of each weight gradient (post-accumulate-grad hook, so before any unscale_)
-        per packed chunk of those (many small gradients in one pass):
-                           counts of zeros / underflow / subnormal / overflow per format, max|g|,
-                           min nonzero |g|, histogram of ceil(log2|g|), per row (on the device)
+        during backward:   each activation gradient (hook on each leaf module's output) and each weight
+                           gradient (post-accumulate-grad hook, so before any unscale_): a large one
+                           (>= 128K elements) is counted at once; small ones are kept (weights: a copy)
+                           and counted in packed chunks (many small gradients in one pass)
+        counting:          a histogram of integer keys of |g|'s bit pattern per row (on the device),
+                           raw; max|g| and min nonzero |g| as bit patterns
         around optimizer.step():  swamped(f) = #(w changed and round_f(w_new) == round_f(w_old))
-        monitor.step():    add the last chunks; keep the step's table; add it to the running totals
+        monitor.step():    count the last small ones; turn the histograms into the step's table (zeros /
+                           underflow / subnormal / overflow per format, histogram of ceil(log2|g|)), keep
+                           it, add it to the running totals
 
     Args:
         model: the module whose parameters and leaf modules are hooked.
@@ -639,9 +295,10 @@ class GradientMonitor:
     removed by :meth:`remove` or on leaving a ``with`` block. Only :meth:`read` synchronises.
 
     Warnings:
-        On a sampled step the activation gradients are kept alive until 1M elements have gathered (then
-        measured and released) and the weight gradients are copied: extra memory of at most one copy of the
-        weight gradients plus a 1M-element chunk. A step with several backward passes (gradient
+        On a sampled step the small activation gradients are kept alive until 1M elements have gathered
+        (then measured and released) and the small weight gradients are copied: extra memory of at most
+        the small weight gradients plus a 1M-element chunk, and the temporaries of counting one large
+        gradient (about 12 bytes per element). A step with several backward passes (gradient
         accumulation) accumulates activation statistics over all of them and measures the weight gradients
         as they are after the last one. Activation checkpointing runs forward twice and counts activation
         gradients once per recomputation.
@@ -719,12 +376,14 @@ class GradientMonitor:
         self._exclude = _exclude_masks(model, exclude, self._param_index)
         self._optimizer = optimizer
         self._attach()  # step 0 is sampled
-        self._buf: torch.Tensor | None = None
+        self._raw: _Raw | None = None
+        self._swamp: torch.Tensor | None = None
         self._scale: torch.Tensor | None = None
         self._pending_w: dict[int, torch.Tensor] = {}
         self._pending_a: list[tuple[int, torch.Tensor]] = []
         self._pending_n = 0
         self._snap: list[tuple[list[tuple[int, torch.Tensor]], torch.Tensor]] = []
+        self._snap_big: list[tuple[int, torch.Tensor]] = []
         self._seg_cache: dict[tuple[torch.device, tuple[tuple[int, int], ...]], tuple[torch.Tensor, ...]] = {}
         self._records: collections.deque[tuple[int, torch.Tensor, torch.Tensor | None]] = collections.deque(
             maxlen=self.config.history
@@ -747,12 +406,25 @@ class GradientMonitor:
         return self.config.formats
 
     # -- measuring -----------------------------------------------------------------------------------------
-    def _table(self, device: torch.device) -> torch.Tensor:
-        if self._buf is None:
-            buf = torch.zeros(len(self.entries), self._cols.width, dtype=torch.float64, device=device)
+    def _raw_on(self, device: torch.device) -> _Raw:
+        """This step's raw accumulators (on the device of the first gradient seen)."""
+        if self._raw is None:
+            self._raw = _Raw(len(self.entries), self._tab, device)
+        return self._raw
+
+    def _step_table(self) -> torch.Tensor | None:
+        """This step's statistics rows, or None when nothing was measured."""
+        if self._raw is None and self._swamp is None:
+            return None
+        if self._raw is not None:
+            buf = self._raw.rows()
+        else:
+            assert self._swamp is not None
+            buf = torch.zeros(len(self.entries), self._cols.width, dtype=torch.float64, device=self._swamp.device)
             buf[:, self._cols.MIN_ABS] = math.inf
-            self._buf = buf
-        return self._buf
+        if self._swamp is not None:
+            buf[:, self._cols.updated :] += self._swamp.to(buf.device, non_blocking=True)
+        return buf
 
     def _note_scale(self, device: torch.device) -> None:
         if self._scaler is not None and self._scale is None:
@@ -783,19 +455,12 @@ class GradientMonitor:
         return got[0], got[1], got[2]
 
     def _measure(self, pieces: Sequence[tuple[int, torch.Tensor]]) -> None:
-        c = self._cols
-        n_rows = len(self.entries)
         for chunk in _pack(pieces):
             dev = chunk[0][1].device
             flat = chunk[0][1] if len(chunk) == 1 else torch.cat([t.float() for _, t in chunk])
             seg, key_off, run_rows = self._segments(chunk, dev)
             lengths = [t.numel() for _, t in chunk]
-            rows = _segment_stats(flat, seg, n_rows, self._tab, key_off, (lengths, run_rows))
-            buf = self._table(dev)
-            rows = rows.to(buf.device, non_blocking=True)
-            buf[:, c.NUMEL : c.updated] += rows[:, c.NUMEL : c.updated]
-            torch.maximum(buf[:, c.MAX_ABS], rows[:, c.MAX_ABS], out=buf[:, c.MAX_ABS])
-            torch.minimum(buf[:, c.MIN_ABS], rows[:, c.MIN_ABS], out=buf[:, c.MIN_ABS])
+            self._raw_on(dev).add_segments(flat, seg, key_off, (lengths, run_rows))
 
     def _flush(self, *, weights: bool) -> None:
         pieces = self._pending_a
@@ -813,10 +478,16 @@ class GradientMonitor:
                 if g.layout != torch.strided:  # sparse (nn.Embedding(sparse=True)): counted like dense
                     g = g.to_dense()
                 self._note_scale(g.device)
-                # A copy: .grad may still be unscaled, clipped or accumulated into before step().
                 mask = self._exclude.get(idx)
-                g = g.clone() if mask is None else g.masked_fill(mask, 0.0)
-                self._pending_w[idx] = g.reshape(-1)
+                if mask is not None:
+                    g = g.masked_fill(mask, 0.0)
+                if g.numel() >= _DIRECT:
+                    # Measured now, replacing the row: with several backward passes the last one (the
+                    # accumulated gradient) is what counts, as for the packed ones below.
+                    self._raw_on(g.device).add(g.reshape(-1), idx, assign=True)
+                else:
+                    # A copy: .grad may still be unscaled, clipped or accumulated into before step().
+                    self._pending_w[idx] = (g.clone() if mask is None else g).reshape(-1)
 
         return hook
 
@@ -824,6 +495,9 @@ class GradientMonitor:
         def grad_hook(grad: torch.Tensor) -> None:
             g = grad.detach()
             self._note_scale(g.device)
+            if g.numel() >= _DIRECT:
+                self._raw_on(g.device).add(g.reshape(-1), idx)
+                return
             self._pending_a.append((idx, g.reshape(-1)))
             self._pending_n += g.numel()
             if self._pending_n >= _CHUNK:
@@ -849,42 +523,61 @@ class GradientMonitor:
     def _opt_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if not self.sampling:
             return
-        self._snap = [
-            (chunk, torch.cat([t.float() for _, t in chunk])) for chunk in _pack(self._swamp_pieces(optimizer))
-        ]
+        pieces = self._swamp_pieces(optimizer)
+        # Large parameters are compared one by one (no packing copy); the small ones packed into chunks.
+        self._snap_big = [(idx, t.float() if t.dtype != torch.float32 else t.clone()) for idx, t in pieces
+                          if t.numel() >= _DIRECT]  # fmt: skip
+        small = [(idx, t) for idx, t in pieces if t.numel() < _DIRECT]
+        self._snap = [(chunk, torch.cat([t.float() for _, t in chunk])) for chunk in _pack(small)]
+
+    def _swamp_add(self, row: int | None, counts: torch.Tensor) -> None:
+        if self._swamp is None:
+            dev = self._raw.counts.device if self._raw is not None else counts.device
+            self._swamp = torch.zeros(len(self.entries), 1 + len(self.formats), dtype=torch.float64, device=dev)
+        counts = counts.to(self._swamp.device, non_blocking=True)
+        if row is None:
+            self._swamp += counts
+        else:
+            self._swamp[row] += counts
 
     def _opt_post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if not self.sampling or not self._snap:
+        if not self.sampling or not (self._snap or self._snap_big):
             return
-        c = self._cols
         n_rows = len(self.entries)
-        # Re-read the parameters (packed exactly as before the step): a flattened non-contiguous parameter
-        # (e.g. a channels_last convolution weight) is a copy, which the step did not update.
-        fresh = _pack(self._swamp_pieces(optimizer))
+        # Re-read the parameters (split and packed exactly as before the step): a flattened non-contiguous
+        # parameter (e.g. a channels_last convolution weight) is a copy, which the step did not update.
+        pieces = self._swamp_pieces(optimizer)
+        fresh_big = [(idx, t) for idx, t in pieces if t.numel() >= _DIRECT]
+        for (idx, old), (_, new) in zip(self._snap_big, fresh_big, strict=True):
+            self._swamp_add(idx, _swamping_counts(old, new, None, 1, self.config.formats)[0])
+        fresh = _pack([(idx, t) for idx, t in pieces if t.numel() < _DIRECT])
         for (chunk, old), now in zip(self._snap, fresh, strict=True):
-            dev = old.device
             new = torch.cat([t.float() for _, t in now])
-            counts = _swamping_counts(old, new, self._segments(chunk, dev)[0], n_rows, self.config.formats)
-            buf = self._table(dev)
-            buf[:, c.updated :] += counts.to(buf.device, non_blocking=True)
-        self._snap = []
+            counts = _swamping_counts(old, new, self._segments(chunk, old.device)[0], n_rows, self.config.formats)
+            self._swamp_add(None, counts)
+        self._snap, self._snap_big = [], []
 
     # -- stepping and reading ------------------------------------------------------------------------------
+    def _clear_step(self) -> None:
+        self._raw = None
+        self._swamp = None
+        self._scale = None
+        self._pending_w, self._pending_a, self._pending_n = {}, [], 0
+        self._snap, self._snap_big = [], []
+
     def step(self) -> None:
         """End the current training step (call after the optimizer step). Does not sync."""
         if self.sampling:
             self._sampled += 1
             self._flush(weights=True)
-            if self._buf is not None:
-                buf = self._buf
+            buf = self._step_table()
+            if buf is not None:
                 self._records.append((self._step, buf, self._scale))
                 if self._total is None:
                     self._total = buf.clone()
                 else:
                     self._total = _combine_tables(self._total, buf.to(self._total.device), self._cols)
-        self._buf = None
-        self._scale = None
-        self._pending_w, self._pending_a, self._pending_n, self._snap = {}, [], 0, []
+        self._clear_step()
         self._step += 1
         if self.sampling:
             self._attach()
@@ -936,9 +629,7 @@ class GradientMonitor:
         """Forget every measurement (the step counter too). Does not sync."""
         self._records.clear()
         self._total = None
-        self._buf = None
-        self._scale = None
-        self._pending_w, self._pending_a, self._pending_n, self._snap = {}, [], 0, []
+        self._clear_step()
         self._step = 0
         self._sampled = 0
         self._attach()
@@ -991,12 +682,4 @@ def _exclude_masks(
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != p.shape:
             raise ValueError(f"exclude[{name!r}] must be a bool tensor of shape {tuple(p.shape)}")
         out[index[id(p)]] = mask.to(p.device)
-    return out
-
-
-def _combine_tables(a: torch.Tensor, b: torch.Tensor, cols: Columns) -> torch.Tensor:
-    out = a.clone()
-    out[:, cols.NUMEL :] += b[:, cols.NUMEL :]
-    out[:, cols.MAX_ABS] = torch.maximum(a[:, cols.MAX_ABS], b[:, cols.MAX_ABS])
-    out[:, cols.MIN_ABS] = torch.minimum(a[:, cols.MIN_ABS], b[:, cols.MIN_ABS])
     return out
