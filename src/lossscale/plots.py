@@ -54,7 +54,9 @@ PathLike = str | os.PathLike[str]
 _COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f"]
 
 
-def _figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
+    """A matplotlib ``Figure`` with its own Agg canvas: never pyplot, never ``matplotlib.use`` (the caller's
+    backend and open figures stay as they are). Every lossscale figure is made here."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -116,7 +118,7 @@ def histogram_figure(d: Diagnosis, *, formats: list[str] | None = None) -> Figur
         lo_c, hi_c = int(nz[0]) + HIST_MIN_LOG2, int(nz[-1]) + HIST_MIN_LOG2
     else:
         lo_c, hi_c = -30, 10
-    fig = _figure(10, 4 + 0.55 * len(names))
+    fig = new_figure(10, 4 + 0.55 * len(names))
     heights = [4.0] + [0.55] * len(names)
     gs = fig.add_gridspec(1 + len(names), 1, height_ratios=heights, hspace=0.08)
     ax = fig.add_subplot(gs[0])
@@ -314,7 +316,7 @@ def heatmap_figure(d: Diagnosis, *, formats: list[str] | None = None, max_rows: 
     cols = [(f, kind) for f in names for kind in ("weight", "activation")]
     vals = np.array([[g.underflow[kind][f] for f, kind in cols] for g in groups], dtype=np.float64)
     n = len(groups)
-    fig = _figure(3.6 + 1.0 * len(cols), 2.2 + _ROW_IN * n)
+    fig = new_figure(3.6 + 1.0 * len(cols), 2.2 + _ROW_IN * n)
     ax = fig.add_axes((0.0, 0.0, 1.0, 1.0))  # placed below, once the label width is known
     floor = min(d.threshold / 10, 1e-4) if d.threshold > 0 else 1e-6
     cmap = _colormap()
@@ -413,7 +415,7 @@ def top_layers_figure(d: Diagnosis, *, formats: list[str] | None = None, k: int 
     ``k`` closest to overflow (least headroom), as bars (figure of :func:`top_layers_plot`)."""
     names = list(d.formats) if formats is None else formats
     k = max(1, min(k, int((17.0 / max(len(names), 1) - 0.9) / _ROW_IN)))  # keeps the PNG under ~1900 px
-    fig = _figure(13, len(names) * (0.9 + _ROW_IN * k) + 0.6)
+    fig = new_figure(13, len(names) * (0.9 + _ROW_IN * k) + 0.6)
     for i, name in enumerate(names):
         under, over = top_layers(d, name, k)
         for j, (rows, what) in enumerate(((under, "underflow"), (over, "overflow"))):
@@ -473,7 +475,7 @@ def scale_trajectory(stats: MonitorStats, path: PathLike) -> Path:
 def trajectory_figure(stats: MonitorStats) -> Figure:
     """The figure of :func:`scale_trajectory`."""
     steps, scales, skipped = trajectory_points(stats)
-    fig = _figure(9, 3.5)
+    fig = new_figure(9, 3.5)
     ax = fig.add_subplot(1, 1, 1)
     ax.step(steps, np.log2(scales), where="post", color="#1f77b4", label="loss scale")
     if skipped.any():

@@ -306,17 +306,15 @@ def plot_amax(report: RecipeReport, path: str | Path, *, sites: int = 6) -> Path
     Writes a PNG (matplotlib, imported here) and returns its path."""
     if not report.amax:
         raise ValueError("report has no recorded amax sequence (run diagnose_recipes with 'fp8-delayed')")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .plots import new_figure  # the Figure API: the user's pyplot state and backend stay untouched
 
     def spread(k: str) -> float:  # the sites whose amax moves most are the interesting ones
         pos = [a for a in report.amax[k] if a > 0]
         return max(pos) / min(pos) if pos else 0.0
 
     keys = sorted(report.amax, key=lambda k: -spread(k))[:sites]
-    fig, axes = plt.subplots(len(keys), 1, figsize=(8, 2.2 * len(keys)), squeeze=False)
+    fig = new_figure(8, 2.2 * len(keys))
+    axes = fig.subplots(len(keys), 1, squeeze=False)
     for ax, key in zip(axes[:, 0], keys, strict=True):
         seq = report.amax[key]
         ax.semilogy(range(len(seq)), [max(a, 1e-45) for a in seq], "k-", lw=1.5, label="amax")
@@ -330,5 +328,4 @@ def plot_amax(report: RecipeReport, path: str | Path, *, sites: int = 6) -> Path
     fig.tight_layout()
     out = Path(path)
     fig.savefig(out, dpi=100)
-    plt.close(fig)
     return out

@@ -843,19 +843,18 @@ def _plots(doc: Mapping[str, Any], task: str, outdir: str) -> dict[str, str]:
     """Write the task's three PNGs into ``outdir``; returns {kind: file name}."""
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from ..formats import FloatFormat
+    from ..plots import new_figure  # the Figure API: the user's pyplot state and backend stay untouched
 
     runs = [r for r in doc["runs"] if r["task"] == task]
     order = {c: i for i, c in enumerate(CONFIG_NAMES)}
     configs = sorted({r["config"] for r in runs}, key=lambda c: order.get(c, 99))
     files: dict[str, str] = {}
-    cmap = plt.get_cmap("tab20")
+    cmap = matplotlib.colormaps["tab20"]
 
     # 1. Loss curves (mean over seeds, moving average for readability).
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig = new_figure(8, 4.5)
+    ax = fig.subplots()
     for i, cfg in enumerate(configs):
         curves = [r["loss_curve"] for r in runs if r["config"] == cfg]
         n = min(len(c) for c in curves)
@@ -878,10 +877,10 @@ def _plots(doc: Mapping[str, Any], task: str, outdir: str) -> dict[str, str]:
     fig.tight_layout()
     files["loss"] = f"{task}_loss.png"
     _savefig(fig, outdir, files["loss"])
-    plt.close(fig)
 
     # 2. Loss-scale trajectories with skipped steps.
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig = new_figure(8, 4)
+    ax = fig.subplots()
     any_scaled = False
     for i, cfg in enumerate(configs):
         rs = [r for r in runs if r["config"] == cfg and r["scaling"] != "none"]
@@ -902,10 +901,10 @@ def _plots(doc: Mapping[str, Any], task: str, outdir: str) -> dict[str, str]:
     fig.tight_layout()
     files["scale"] = f"{task}_scale.png"
     _savefig(fig, outdir, files["scale"])
-    plt.close(fig)
 
     # 3. FP32 activation-gradient exponent histogram against each format's window.
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig = new_figure(8, 4)
+    ax = fig.subplots()
     ref = [r for r in runs if r["config"] == "fp32"] or runs
     h = min(ref, key=lambda r: r["seed"])["grad_exponent_histogram"]
     counts = h["counts"]
@@ -928,7 +927,6 @@ def _plots(doc: Mapping[str, Any], task: str, outdir: str) -> dict[str, str]:
     fig.tight_layout()
     files["hist"] = f"{task}_grad_hist.png"
     _savefig(fig, outdir, files["hist"])
-    plt.close(fig)
     return files
 
 

@@ -132,12 +132,10 @@ def sweep_table(runs: Sequence[Mapping[str, Any]], fmt_metric: Callable[[str, fl
 def sweep_plot(name: str, runs: Sequence[Mapping[str, Any]], outdir: str) -> str:
     """``sweep_<name>.png``: the metric (left) and the gradient-format underflow (right) against the swept
     value, one line per (task, configuration); returns the file name."""
-    import matplotlib
+    from ..plots import new_figure  # the Figure API: the user's pyplot state and backend stay untouched
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_m, ax_u) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = new_figure(11, 4)
+    ax_m, ax_u = fig.subplots(1, 2)
     tasks = sorted({r["task"] for r in runs})
     for task in tasks:
         for cfg in SWEEP_CONFIGS:
@@ -171,5 +169,4 @@ def sweep_plot(name: str, runs: Sequence[Mapping[str, Any]], outdir: str) -> str
     fig.tight_layout()
     fname = f"sweep_{name}.png"
     fig.savefig(os.path.join(outdir, fname), dpi=90)
-    plt.close(fig)
     return fname
