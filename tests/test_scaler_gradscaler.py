@@ -867,3 +867,46 @@ def test_frozen_factors_load_from_a_grad_scaler_checkpoint() -> None:
     for inject in [(0, INF), None, None]:
         train_step(model, ours, opt, inject)
     assert ours.get_scale() == 32.0 and ours.skipped_steps == 1
+
+
+@pytest.mark.parametrize("unscale_first", [False, True], ids=["fused-adam", "fused-adam-unscale-first"])
+def test_amp_protocol_scale_below_one_unscale_overflow_is_skipped(unscale_first: bool) -> None:
+    """A finite scaled gradient that the fused optimizer's own unscale (x 2^10) would overflow: skipped,
+    counted, reason "unscale_overflow", weights untouched (GradScaler puts NaN in them)."""
+    results = []
+    for cls in (torch.amp.GradScaler, LossScaler):
+        p = nn.Parameter(torch.ones(3))
+        opt = torch.optim.Adam([p], lr=0.1, fused=True)
+        s = cls("cpu", init_scale=2.0**-10)
+        s.scale((p * torch.tensor([3e38, 1.0, 1.0])).sum() * 4).backward()
+        assert p.grad is not None and bool(torch.isfinite(p.grad).all())  # scaled: finite
+        if unscale_first:
+            s.unscale_(opt)
+        s.step(opt)
+        s.update()
+        results.append((p.detach().clone(), s))
+    (p_torch, _), (p_ours, ours) = results
+    assert bool(torch.isnan(p_torch).any())  # the oracle shows the defect this guards against
+    assert p_ours.tolist() == [1.0, 1.0, 1.0]
+    assert isinstance(ours, LossScaler)
+    assert ours.last_step_skipped is True and ours.skipped_steps == 1
+    assert ours.last_skip is not None and ours.last_skip.reason == "unscale_overflow"
+    assert ours.get_scale() == 2.0**-11  # backed off
+
+
+def test_amp_protocol_scale_below_one_no_overflow_bit_identical() -> None:
+    """Below 1 without overflow the fused step is GradScaler's, bit for bit, and not a skip."""
+    runs = []
+    for cls in (torch.amp.GradScaler, LossScaler):
+        model = make_model()
+        opt = torch.optim.Adam(model.parameters(), lr=0.01, fused=True)
+        s = cls("cpu", init_scale=2.0**-6, growth_interval=2)
+        for t in range(4):
+            opt.zero_grad()
+            s.scale(model(torch.ones(3, 6) * (t + 1)).square().mean()).backward()
+            s.step(opt)
+            if isinstance(s, LossScaler):
+                assert s.last_step_skipped is False
+            s.update()
+        runs.append((model, s.get_scale()))
+    assert params_equal(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1] == 2.0**-4

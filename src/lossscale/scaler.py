@@ -918,7 +918,10 @@ class LossScaler(torch.amp.GradScaler):
         Optimizers with ``_step_supports_amp_scaling = True`` get GradScaler's protocol, unchanged: a
         ``grad_scaler=`` keyword (with GradScaler's FutureWarning) when their ``step`` takes one, else
         ``grad_scale`` and ``found_inf`` attributes for the duration of their step. GradScaler does not sync
-        there; we add one sync after their step, to know whether it skipped.
+        there; we add one sync after their step, to know whether it skipped. With the attribute protocol we
+        also check, on the device, that the optimizer's own unscale cannot overflow a finite gradient (a
+        scale below 1): if it would, ``found_inf`` is set before its step (skipped and counted,
+        ``"unscale_overflow"``); otherwise the step is GradScaler's, bit for bit.
 
         Returns what ``optimizer.step`` returns, or None when skipped.
 
@@ -992,9 +995,13 @@ class LossScaler(torch.amp.GradScaler):
     def _step_amp_aware(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
         """GradScaler's protocol for optimizers that unscale and skip inside their step (``Adam(fused=True)``,
         or a ``step(..., grad_scaler=None)``), honoured as GradScaler honours it; then one sync to learn
-        whether the optimizer skipped (forensics)."""
+        whether the optimizer skipped (forensics). For the attribute protocol, a gradient that its unscale
+        would overflow (scale below 1) is folded into ``found_inf`` before its step (one more read pass over
+        the gradients, on the device; no sync): the step is skipped and counted, reason
+        ``"unscale_overflow"``."""
         record = self._per_optimizer_states[self._key(optimizer)]
         has_grad_scaler_kwarg = "grad_scaler" in inspect.signature(optimizer.step).parameters
+        overflow: torch.Tensor | None = None
         if has_grad_scaler_kwarg:
             warnings.warn(_GRAD_SCALER_KWARG_WARNING, FutureWarning, stacklevel=3)
             kwargs["grad_scaler"] = self
@@ -1011,6 +1018,11 @@ class LossScaler(torch.amp.GradScaler):
                 if record["stage"] is OptState.UNSCALED
                 else scale * getattr(optimizer, "grad_scale", 1)
             )
+            # The optimizer checks before it unscales: with S < 1 a finite gradient may overflow (class doc).
+            divisor = optimizer.grad_scale  # type: ignore[attr-defined]
+            overflow = self._amp_unscale_overflow(optimizer, record, found_inf, divisor)
+            if overflow is not None:
+                found_inf = found_inf + overflow
             optimizer.found_inf = found_inf  # type: ignore[attr-defined]
         try:
             retval = optimizer.step(*args, **kwargs)
@@ -1023,12 +1035,53 @@ class LossScaler(torch.amp.GradScaler):
         found = _sum_found(record["found_inf_per_device"].values(), self._scale.device)
         if found is None:  # the optimizer recorded no check (a grad_scaler= optimizer may not)
             self._last_step_skipped = None
-        elif found.item() != 0.0:  # the extra sync of this path
+            return retval
+        if overflow is None:
+            overflow = torch.zeros((), dtype=torch.float32, device=found.device)
+        found_host, overflow_host = torch.stack([found, overflow.to(found.device)]).tolist()  # the extra sync
+        if found_host != 0.0:
             self._last_step_skipped = True
-            self._on_skip(optimizer, overflow=False)
+            self._on_skip(optimizer, overflow=overflow_host != 0.0)
         else:
             self._last_step_skipped = False
         return retval
+
+    def _amp_unscale_overflow(
+        self, optimizer: torch.optim.Optimizer, record: dict[str, Any], found_inf: Any, divisor: Any
+    ) -> torch.Tensor | None:
+        """For an optimizer that unscales inside its step: 1.0 when its unscale (``grad / divisor``) would turn a
+        finite gradient into inf while nothing else was found, else 0.0, folded into the recorded found-inf
+        flags (so that ``update`` backs off and counts the skip); agreed across ranks. None when no flag was
+        recorded. One read pass over the gradients (their max magnitudes), on the device; no sync.
+
+        The optimizer's own check looks at the gradients before it divides (as GradScaler's does), so with a
+        scale below 1 (``1/S > 1``) a finite gradient could reach the weights as inf/NaN; the max magnitude
+        divided as the optimizer divides overflows exactly when some element does (division rounds
+        monotonically). With ``S >= 1`` the quotient is never larger than the gradient: nothing changes.
+        """
+        flags = list(record["found_inf_per_device"].values())
+        if not flags or self._scale is None:
+            return None
+        device = self._scale.device
+        groups, _ = self._gather_grads(optimizer, allow_fp16=True)
+        with torch.no_grad():
+            maxima: list[torch.Tensor] = []
+            for grads in groups.values():
+                local = [g for g in (_compat.to_local(t) for t in grads) if g.numel() > 0]
+                if local:
+                    norms = torch._foreach_norm(local, ord=math.inf)
+                    maxima.append(torch.stack([n.float() for n in norms]).amax().to(device, non_blocking=True))
+            if not maxima:
+                return None
+            biggest = torch.stack(maxima).amax()
+            quotient = biggest if divisor is None else biggest / divisor
+            nothing_found = (found_inf == 0) if isinstance(found_inf, torch.Tensor) else torch.tensor(found_inf == 0)
+            overflow = torch.logical_and(torch.logical_not(torch.isfinite(quotient)), nothing_found.to(device))
+            overflow = overflow.float()
+            if _dist_initialized():
+                _all_reduce_max(overflow, self._process_group)
+            flags[0].add_(overflow.to(flags[0].device, non_blocking=True))
+        return overflow
 
     def _param_names(self) -> dict[int, str]:
         model = self._watched() if self._watched is not None else None
