@@ -246,3 +246,30 @@ def test_docs_example_runs(tmp_path, monkeypatch, capsys):
     scale, skipped, was_skipped, norm = capsys.readouterr().out.split()
     assert float(scale) > 0 and int(skipped) >= 0 and was_skipped in ("True", "False")
     assert math.isfinite(float(norm)) and (tmp_path / "ckpt" / "scaler.pt").is_file()
+
+
+@pytest.mark.parametrize("precision", ["fp16-mixed", "bf16-mixed", "fp8-hybrid"])
+def test_disabled_autocast_handler_is_fp32_inside_an_autocast_block(precision):
+    """AutocastKwargs(enabled=False) nested in the recipe's autocast (as inside a prepared model's forward)
+    computes exact FP32: 1.0001 survives (every recipe here would round it to 1.0)."""
+    acc = Accelerator(precision=precision, cpu=True)
+    x = torch.full((1, 1), 1.0001)
+    with acc.autocast():
+        assert (x @ torch.ones(1, 1)).item() == 1.0  # the recipe rounds it
+        with acc.autocast(accelerate.utils.AutocastKwargs(enabled=False)):
+            y = x @ torch.ones(1, 1)
+        assert (x @ torch.ones(1, 1)).item() == 1.0  # and again after the block
+    assert y.dtype == torch.float32 and y.item() == x.item()
+    model = acc.prepare(torch.nn.Linear(1, 1, bias=False))
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+
+    def forward(inp):
+        with acc.autocast(accelerate.utils.AutocastKwargs(enabled=False)):
+            return inp @ torch.ones(1, 1)
+
+    inner = torch.nn.Module()
+    inner.forward = forward
+    wrapped = acc.prepare(inner)
+    assert wrapped(x).item() == x.item()  # FP32 block inside a prepared model's forward
+    assert model(x).item() == 1.0  # the prepared model's own forward is rounded

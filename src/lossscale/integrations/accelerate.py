@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ..emulate import autocast
 from ..precision import Precision
 from ..scaler import LossScaler
 from ._common import (
@@ -144,9 +145,11 @@ class Accelerator(_AcceleratorBase):  # type: ignore[misc]
     @contextlib.contextmanager
     def autocast(self, autocast_handler: Any = None) -> Iterator[None]:
         """The recipe's :func:`lossscale.autocast`; an ``AutocastKwargs(enabled=False)`` handler runs FP32
-        inside (accelerate's way to leave autocast for a block). No sync."""
+        inside (accelerate's way to leave autocast for a block), also inside a prepared model's forward or
+        another ``autocast()`` block: it enters ``lossscale.autocast("fp32")``, which switches the enclosing
+        recipe off for the block. No sync."""
         if autocast_handler is not None and not getattr(autocast_handler, "enabled", True):
-            with recipe_context(Precision(), None):
+            with autocast(Precision(), emulate=self.emulate):
                 yield
             return
         with recipe_context(self.precision, self.emulate):
