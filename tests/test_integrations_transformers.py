@@ -264,3 +264,27 @@ def test_monitor_callback_with_a_plain_trainer(tmp_path):
     assert stats.total[weights, stats.columns.updated].sum() > 0
     # ... and its summary of the last sampled step is in `latest`.
     assert cb.latest == monitor_summary(stats) and "grad_health/fp16/underflow" in cb.latest
+
+
+def test_data_parallel_is_refused(tmp_path):
+    """args.n_gpu > 1 without torch.distributed: the Trainer would wrap the model in nn.DataParallel and skip
+    accelerator.prepare (the forward would bypass the recipe). Simulated on CPU by setting the GPU count."""
+    a = args(tmp_path, fp16=True)
+    _ = a._setup_devices
+    a._n_gpu = 2
+    plain = transformers.Trainer(model=tiny_gpt2(), args=a)
+    assert isinstance(plain._wrap_model(plain.model), torch.nn.DataParallel)  # what would happen
+    with pytest.raises(ValueError, match=r"DataParallel \(args.n_gpu=2"):
+        LossScaleTrainer(model=tiny_gpt2(), args=a)
+
+
+def test_tensor_parallel_model_is_refused(tmp_path):
+    """A tensor-parallel model (transformers' ``tp_size`` property reads ``_tp_size``, set when it is sharded
+    at load time): the Trainer clips its DTensor gradients itself without unscaling."""
+    model = tiny_gpt2()
+    model._tp_size = 2
+    assert model.tp_size == 2
+    with pytest.raises(ValueError, match=r"tensor parallelism \(model.tp_size=2\)"):
+        LossScaleTrainer(model=model, args=args(tmp_path), precision="fp16-mixed")
+    model._tp_size = 1  # tp_size 1 is no tensor parallelism: accepted
+    assert LossScaleTrainer(model=model, args=args(tmp_path), precision="fp16-mixed").scaler is not None

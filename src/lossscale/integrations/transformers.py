@@ -119,7 +119,9 @@ class LossScaleTrainer(_transformers.Trainer):  # type: ignore[misc]
 
     Logged with every training log: ``loss_scale`` and ``skipped_steps`` (with a scaler; one sync per log),
     the true ``grad_norm``, and with ``monitor=`` the ``grad_health/...`` fractions.
-    DeepSpeed and FSDP are not supported (ValueError): they scale the loss themselves.
+    DeepSpeed and FSDP are not supported (ValueError): they scale the loss themselves. Nor are
+    ``nn.DataParallel`` (``args.n_gpu > 1`` without torch.distributed: the forward would bypass the recipe)
+    and tensor parallelism (the Trainer clips without unscaling): ValueError at construction.
     """
 
     def __init__(
@@ -181,6 +183,7 @@ class LossScaleTrainer(_transformers.Trainer):  # type: ignore[misc]
         run (it also validates DeepSpeed/FSDP options) and then build ours from the same arguments. Both share
         accelerate's process-wide state, which these arguments leave identical.
         """
+        self._refuse_unsupported_parallelism()
         recipe = self._resolve_recipe()
         scaler = resolve_scaler(recipe, self._ls_scaler_arg)
         super().create_accelerator_and_postprocess()
@@ -196,6 +199,38 @@ class LossScaleTrainer(_transformers.Trainer):  # type: ignore[misc]
             self.gather_function = functools.partial(
                 self.gather_function, use_gather_object=self.args.eval_use_gather_object
             )
+
+    def _refuse_unsupported_parallelism(self) -> None:
+        """ValueError for the two Trainer set-ups that would bypass the recipe or the scaler silently.
+
+        - ``args.n_gpu > 1`` (several GPUs, no torch.distributed): the Trainer wraps the model in
+          ``nn.DataParallel`` and skips ``accelerator.prepare``, so the forward never runs under the recipe.
+        - tensor parallelism (a model with ``tp_size``/``_tp_size`` > 1, or ``parallelism_config.tp_size`` > 1):
+          the Trainer clips DTensor gradients on several meshes itself (``_mixed_mesh_grad_norm``) without
+          unscaling them first.
+        """
+        args, model = self.args, self.model
+        n_gpu = int(getattr(args, "n_gpu", 0) or 0)
+        quantized = getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False)
+        if n_gpu > 1 and not quantized:
+            raise ValueError(
+                f"LossScaleTrainer does not support nn.DataParallel (args.n_gpu={n_gpu} without torch.distributed):"
+                " the Trainer would wrap the model in DataParallel and skip accelerator.prepare, so the forward "
+                "would not run in the recipe. Launch with torchrun (DDP) or make one GPU visible "
+                "(CUDA_VISIBLE_DEVICES)."
+            )
+        config = getattr(args, "parallelism_config", None)
+        sizes = {
+            "model.tp_size": getattr(model, "tp_size", None),
+            "model._tp_size": getattr(model, "_tp_size", None),
+            "args.parallelism_config.tp_size": getattr(config, "tp_size", None),
+        }
+        for where, size in sizes.items():
+            if isinstance(size, int) and size > 1:
+                raise ValueError(
+                    f"LossScaleTrainer does not support tensor parallelism ({where}={size}): the Trainer clips "
+                    "gradients on several device meshes itself (_mixed_mesh_grad_norm) without unscaling them"
+                )
 
     @property
     def precision(self) -> Precision:
