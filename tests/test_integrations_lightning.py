@@ -252,3 +252,29 @@ def test_docs_example_runs(tmp_path, monkeypatch, capsys):
     assert scale.startswith("tensor(") and skipped.isdigit()
     (ckpt,) = tmp_path.rglob("*.ckpt")  # Lightning's default checkpoint carries the scaler
     assert torch.load(ckpt, weights_only=False)["LossScalePrecision"]["state"]["scale"] == float(scale[7:-2])
+
+
+class ValNet(Net):
+    def validation_step(self, batch, batch_idx):
+        return self.training_step(batch, batch_idx)
+
+
+def test_resume_from_checkpoint_without_scaler_state_is_refused(tmp_path):
+    """A checkpoint of a BF16 run (no "LossScalePrecision" key) resumed by an FP16 plugin with a scaler:
+    ValueError at the first optimizer step, no weight changed; validating from it is fine."""
+    ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, filename="bf16", save_top_k=-1)
+    trainer(
+        LossScalePrecision("bf16-mixed"), max_epochs=2, enable_checkpointing=True,
+        callbacks=[ckpt_cb, StopAfterFirstEpoch()],
+    ).fit(Net(), loader())
+    path = tmp_path / "bf16.ckpt"
+    assert "LossScalePrecision" not in torch.load(path, weights_only=False)
+    model = ValNet(seed=5)
+    trainer(_plugin()).validate(model, loader(), ckpt_path=str(path))  # no step: no scaler state needed
+    before = [p.detach().clone() for p in model.parameters()]
+    plugin = _plugin()
+    with pytest.raises(ValueError, match="holds no loss-scaler state"):
+        trainer(plugin, max_epochs=2).fit(model, loader(), ckpt_path=str(path))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    trainer(plugin, max_steps=1).fit(Net(), loader())  # the next run, without ckpt_path, trains
+    assert plugin.scaler.get_scale() == 2.0**12 and not plugin._missing_scaler_state

@@ -119,6 +119,8 @@ class LossScalePrecision(_PrecisionBase):  # type: ignore[misc]
         self._monitor_spec = monitor
         self.monitor: GradientMonitor | None = None
         self.grad_norm: torch.Tensor | None = None
+        # Set by on_load_checkpoint: the checkpoint has no scaler state but this plugin scales (see there).
+        self._missing_scaler_state = False
 
     # -- setup ---------------------------------------------------------------------------------------------
     def connect(self, model: torch.nn.Module, optimizers: list[Any], lr_schedulers: list[Any]) -> Any:
@@ -151,6 +153,13 @@ class LossScalePrecision(_PrecisionBase):  # type: ignore[misc]
         Syncs once per step (``scaler.step`` decides whether to step), plus one read of the monitor on its
         sampled steps.
         """
+        if self._missing_scaler_state:
+            raise ValueError(
+                "LossScalePrecision: resuming training from a checkpoint that holds no loss-scaler state (no "
+                f"{type(self).__qualname__!r} key: saved by a run without scaler, e.g. BF16/FP32 or scaler=False) "
+                "but this plugin has a scaler: the run would not resume as it was. Resume with the recipe that "
+                "saved it, or load only the weights (LightningModule.load_from_checkpoint) to start a new run"
+            )
         if self.scaler is None or not self.scaler.is_enabled():
             out = super().optimizer_step(optimizer, model=model, closure=closure, **kwargs)
             self._after_step(model)
@@ -211,9 +220,21 @@ class LossScalePrecision(_PrecisionBase):  # type: ignore[misc]
         """The scaler's :meth:`LossScaler.state_dict` (empty without a scaler). Syncs."""
         return self.scaler.state_dict() if self.scaler is not None else {}
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Lightning's hook with the whole checkpoint (it calls :meth:`load_state_dict` only when the
+        checkpoint has this plugin's key). A checkpoint without scaler state, loaded into a plugin with a
+        scaler, is noted here and refused with ValueError at the first optimizer step: resuming training
+        would not continue the run as it was, while validating or testing from it needs no scaler state."""
+        super().on_load_checkpoint(checkpoint)
+        self._missing_scaler_state = (
+            self.scaler is not None and self.scaler.is_enabled() and type(self).__qualname__ not in checkpoint
+        )
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the scaler. A scaler state in a checkpoint of a run without scaler, or the reverse, raises
-        ValueError (the run would not resume as it was)."""
+        """Restore the scaler. A scaler state in a checkpoint of a run without scaler raises ValueError (the
+        run would not resume as it was); so does an empty state here. The reverse, a checkpoint without scaler
+        state resumed with a scaler, is caught by :meth:`on_load_checkpoint` (Lightning does not call this
+        method then)."""
         if self.scaler is None or not self.scaler.is_enabled():
             if state_dict:
                 raise ValueError("LossScalePrecision: the checkpoint holds a loss-scaler state but this plugin has "
@@ -228,6 +249,7 @@ class LossScalePrecision(_PrecisionBase):  # type: ignore[misc]
         """Remove the hooks of a monitor built by the plugin; ``plugin.monitor.read()`` still works after fit."""
         if self.monitor is not None and not isinstance(self._monitor_spec, GradientMonitor):
             self.monitor.remove()
+        self._missing_scaler_state = False  # per run: a later fit without ckpt_path starts clean
         super().teardown()
 
     def __repr__(self) -> str:
