@@ -767,3 +767,59 @@ def test_freed_optimizer_id_reused_by_a_new_one_inherits_nothing() -> None:
     assert all(not torch.equal(b, p) for b, p in zip(before, params, strict=True))
     scaler.update()
     assert scaler.skipped_steps == 1 and scaler.layer_scales()["2"] == scales["2"] / 2
+
+
+def _plain_step(model: nn.Module, scaler: Any, opt: torch.optim.Optimizer) -> None:
+    x, y = _batch(model)
+    opt.zero_grad()
+    scaler.scale((model(x) - y).square().mean()).backward()
+    scaler.step(opt)
+    scaler.update()
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "adaptive"])
+@pytest.mark.parametrize("make", [mlp, Tied, GPT2Head], ids=["mlp", "tied", "gpt2-head"])
+def test_per_step_path_builds_no_tensor_directly_on_the_device(
+    mode: str, make: Callable[[], nn.Module], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``torch.tensor(host_list, device=cuda)`` copies from pageable memory and waits for the device (a host
+    sync). After the first iteration, scale/backward/step/update create no tensor from host values with a
+    device: index lists go through pinned non-blocking copies, the group indices are cached. (CPU check of
+    the mechanism; the CUDA test below checks the sync itself with torch's sync debug mode.)"""
+    model = make()
+    scaler = LayerwiseScaler(model, mode=mode)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    _plain_step(model, scaler, opt)  # first iteration: tracing and state creation
+    with_device: list[Any] = []
+    real = torch.tensor
+
+    def spy(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if kwargs.get("device") is not None:
+            with_device.append(kwargs["device"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "tensor", spy)
+    for _ in range(2):
+        _plain_step(model, scaler, opt)
+    monkeypatch.undo()
+    assert with_device == []
+    assert scaler.skipped_steps == 0 and all(math.isfinite(v) for v in scaler.layer_scales().values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["dynamic", "adaptive"])
+def test_update_does_not_sync_on_cuda(mode: str) -> None:
+    model = Tied().cuda()
+    scaler = LayerwiseScaler(model, mode=mode)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    x, y = (t.cuda() for t in _batch(model))
+    for it in range(3):
+        opt.zero_grad()
+        scaler.scale((model(x) - y).square().mean()).backward()
+        scaler.unscale_(opt)
+        scaler.step(opt)  # syncs once, by design
+        torch.cuda.set_sync_debug_mode("error" if it else "default")
+        try:
+            scaler.update()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")

@@ -44,7 +44,9 @@ arguments (a closure, a cached attribute produced by another layer) is refused w
 
 Host syncs: ``scale``, the backward hooks, ``unscale_`` and ``update`` never sync; ``step`` syncs once to
 decide (and once more on a skip, to name the culprit); ``layer_scales``, ``layer_stats`` and ``state_dict`` sync;
-``get_scale`` does not (the loss scale is a constant).
+``get_scale`` does not (the loss scale is a constant). The few small index tensors built from host lists go
+to an accelerator through pinned memory, non-blocking, and the group indices are cached after tracing, so
+that none of them waits for the device.
 """
 
 from __future__ import annotations
@@ -153,6 +155,20 @@ def select_layers(model: torch.nn.Module) -> list[str]:
 
     visit("", model)
     return out
+
+
+def _small_tensor(values: Sequence[float] | Sequence[int] | Sequence[bool], dtype: torch.dtype,
+                  device: torch.device) -> torch.Tensor:
+    """A small tensor of host values on ``device`` without a host sync. ``torch.tensor(values, device=cuda)``
+    copies from pageable memory, which waits for the device; here the values are built on the CPU and, for
+    another device, copied from pinned memory with ``non_blocking=True`` (the caching host allocator keeps
+    the pinned block alive until the copy has run)."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type == "cpu":
+        return t
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
 
 
 def _erfinv(p: float) -> float:
@@ -542,6 +558,8 @@ class LayerwiseScaler:
         # Groups: layers sharing a parameter share a scale; slot L is the code around the layers (scale S).
         self._uf = _UnionFind(len(names) + 1)
         self._rep: list[int] = list(range(len(names)))
+        # Index tensors derived from _rep, on the state's device (built once after tracing; see _rep_tensor).
+        self._rep_tensors: dict[str, torch.Tensor] = {}
         self._param_scope: dict[int, int] = {}  # id(param) -> layer index or L (ambient)
         self._params: dict[int, torch.Tensor] = {}  # keeps traced parameters alive (ids stay unique)
         self._tracing = True
@@ -798,6 +816,30 @@ class LayerwiseScaler:
         for i in range(len(self._names)):
             r = self._uf.find(i)
             self._rep.append(ambient if r == root_ambient else r)
+        self._rep_tensors = {}
+
+    def _rep_tensor(self, kind: Literal["rep", "rep_min", "rep_self", "ambient"], device: torch.device) -> torch.Tensor:
+        """The group index tensors, built once per device after tracing (no per-step host-to-device copy).
+
+        ``rep``: each layer's representative (L: the code around the layers); ``rep_min``: the same, capped at
+        L; ``rep_self``: the representative, or the layer itself when it is held at S; ``ambient``: held at S.
+        """
+        key = f"{kind}@{device}"
+        cached = self._rep_tensors.get(key)
+        if cached is not None:
+            return cached
+        L = len(self._names)
+        t: torch.Tensor
+        if kind == "rep":
+            t = _small_tensor(self._rep, torch.int64, device)
+        elif kind == "rep_min":
+            t = _small_tensor([min(r, L) for r in self._rep], torch.int64, device)
+        elif kind == "rep_self":
+            t = _small_tensor([r if r < L else i for i, r in enumerate(self._rep)], torch.int64, device)
+        else:
+            t = _small_tensor([r == L for r in self._rep], torch.bool, device)
+        self._rep_tensors[key] = t
+        return t
 
     # ------------------------------------------------------------------------------------------------------
     # Backward: rescale at the boundaries, gather statistics
@@ -861,9 +903,9 @@ class LayerwiseScaler:
             return
         self._device = device
         self._S = torch.full((), self._loss_scale_value, dtype=torch.float32, device=device)
-        self._scales = torch.tensor(self._pending_scales, dtype=torch.float32, device=device)
-        self._trackers = torch.tensor(self._pending_trackers, dtype=torch.int32, device=device)
-        self._gains = torch.tensor(self._pending_gains, dtype=torch.float32, device=device)
+        self._scales = _small_tensor(self._pending_scales, torch.float32, device)
+        self._trackers = _small_tensor(self._pending_trackers, torch.int32, device)
+        self._gains = _small_tensor(self._pending_gains, torch.float32, device)
         self._acct = state_from_py(self._pending_accounting, device)
 
     def _begin_iteration(self) -> None:
@@ -1011,14 +1053,14 @@ class LayerwiseScaler:
         count_in = torch.zeros(L, device=dev)
         amax_out = torch.zeros(L, device=dev)
         if self._rec_in:
-            idx = torch.tensor([rec[0] for rec in self._rec_in], device=dev)
+            idx = _small_tensor([rec[0] for rec in self._rec_in], torch.int64, dev)
             amax_in = amax_in.scatter_reduce(0, idx, torch.stack([rec[1] for rec in self._rec_in]).float(), "amax",
                                              include_self=False)
             sum_in = sum_in.index_add(0, idx, torch.stack([rec[2] for rec in self._rec_in]).float().square())
-            counts = torch.tensor([float(rec[3]) for rec in self._rec_in], device=dev)
+            counts = _small_tensor([float(rec[3]) for rec in self._rec_in], torch.float32, dev)
             count_in = count_in.index_add(0, idx, counts)
         if self._rec_out:
-            idx = torch.tensor([i for i, _ in self._rec_out], device=dev)
+            idx = _small_tensor([i for i, _ in self._rec_out], torch.int64, dev)
             amax_out = amax_out.scatter_reduce(0, idx, torch.stack([a for _, a in self._rec_out]).float(), "amax",
                                              include_self=False)
         stats = {"amax_in": amax_in, "sum_in": sum_in, "count_in": count_in, "amax_out": amax_out}
@@ -1039,7 +1081,7 @@ class LayerwiseScaler:
         wbad = weight_bad[:L] > 0
         # Weight flags are per group: a group's flag falls on its members.
         if L:
-            rep_idx = torch.tensor([min(r, L) for r in self._rep], device=weight_bad.device)
+            rep_idx = self._rep_tensor("rep_min", weight_bad.device)
             wbad = weight_bad.index_select(0, rep_idx) > 0
         layer = (bad_out | wbad) & ~bad_in
         any_bad = bad_in.any() | bad_out.any() | (weight_bad > 0).any()
@@ -1153,7 +1195,7 @@ class LayerwiseScaler:
             culprit = self._culprits(stats, weight_bad)[:L]
             hold = ~torch.isfinite(stats["amax_in"]) & found.bool()
             group_culprit = torch.zeros(L + 1, dtype=torch.float32, device=S.device)
-            rep_idx = torch.tensor(self._rep, device=S.device)
+            rep_idx = self._rep_tensor("rep", S.device)
             group_culprit = group_culprit.scatter_reduce(0, rep_idx, culprit.float(), "amax")[:L]
             state = ScalingState(
                 scale=self._scales,
@@ -1175,7 +1217,7 @@ class LayerwiseScaler:
             self._scales = torch.where(valid, torch.exp2(k), self._scales)
         if L:
             # Tied layers share their representative's scale.
-            rep = torch.tensor([r if r < L else i for i, r in enumerate(self._rep)], device=S.device)
+            rep = self._rep_tensor("rep_self", S.device)
             self._scales = self._scales.index_select(0, rep)
         self._records = {}
         self._owners.clear()
@@ -1186,8 +1228,7 @@ class LayerwiseScaler:
 
     def _effective_tensor(self) -> torch.Tensor:
         assert self._scales is not None and self._S is not None
-        L = len(self._names)
-        ambient = torch.tensor([r == L for r in self._rep], device=self._S.device, dtype=torch.bool)
+        ambient = self._rep_tensor("ambient", self._S.device)
         return torch.where(ambient, self._S, self._scales)
 
     # ------------------------------------------------------------------------------------------------------
