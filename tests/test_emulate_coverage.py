@@ -602,3 +602,23 @@ def test_unhandled_gemm_named_torch_function_is_loud() -> None:
             y = torch.linalg.vecdot(a, b)
     assert torch.equal(y, torch.linalg.vecdot(a, b))  # ran in FP32
     assert sum(n for op, n in counters.unemulated.items() if "vecdot" in op) == 1
+
+
+def test_composite_backward_twice_with_retain_graph_and_double_backward_is_loud() -> None:
+    # A composite (einsum) runs as an inner autograd region: backward(retain_graph=True) twice must work and
+    # accumulate exactly twice the gradient of one backward; create_graph must raise, not drop terms.
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(4, 8, generator=gen, requires_grad=True)
+    b = torch.randn(8, 3, generator=gen, requires_grad=True)
+    with lossscale.autocast("bf16-mixed", emulate=True):
+        z = torch.einsum("ij,jk->ik", a, b).sum()
+    z.backward(retain_graph=True)
+    first = a.grad.clone()  # type: ignore[union-attr]
+    z.backward()
+    assert torch.equal(a.grad, 2 * first)  # type: ignore[arg-type]
+    a.grad = b.grad = None
+    with lossscale.autocast("bf16-mixed", emulate=True):
+        z = torch.einsum("ij,jk->ik", a, b).square().sum()  # the incoming gradient 2y depends on a and b
+    (ga,) = torch.autograd.grad(z, [a], create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        ga.sum().backward()

@@ -173,7 +173,10 @@ class _Region(torch.autograd.Function):
         return out.detach()
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        # once_differentiable: the inner gradient is computed without create_graph, so a double backward
+        # (create_graph=True) raises instead of silently dropping the second-order terms.
         emu: Emulator = ctx.emu
         if emu.grad is not None:
             g = emu.quantize(g, emu.grad, emu._site_name(ctx.op, "output") + ".grad",
@@ -182,7 +185,9 @@ class _Region(torch.autograd.Function):
         grads: tuple[torch.Tensor | None, ...] = ()
         if wanted and ctx.out.requires_grad:
             with _RoundingMode(emu, ctx.op, "backward", ctx.saved):
-                grads = torch.autograd.grad(ctx.out, wanted, g, allow_unused=True)
+                # retain_graph: the outer graph may be backwarded again (retain_graph=True there); the inner
+                # graph lives on ctx and is freed with it.
+                grads = torch.autograd.grad(ctx.out, wanted, g, allow_unused=True, retain_graph=True)
         it = iter(grads)
         per_leaf = [next(it, None) if t.requires_grad else None for t in ctx.inner]
         return (None, None, None, None, None, *per_leaf)
