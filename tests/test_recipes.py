@@ -282,3 +282,52 @@ def test_composite_op_pieces_take_the_recipe_along_their_reduction_dims() -> Non
     with Audit():
         torch.einsum("bij,bjk->bik", a, b)
     assert seen and not any(mx_valued(x, y) for x, y in seen)
+
+
+def test_delayed_gives_each_operand_of_an_activation_gemm_its_own_history() -> None:
+    # matmul(a * 1e-3, b * 1e3) with both operands activations: one shared history would give b the scale of
+    # a's (tiny) amax and saturate it. Each operand slot has its own history: after the first step (scale 1)
+    # nothing saturates and the product matches FP32 to E4M3's precision.
+    gen = torch.Generator().manual_seed(0)
+    a0 = torch.randn(2, 8, 16, generator=gen)
+    b0 = torch.randn(2, 16, 4, generator=gen)
+    state = RecipeState()
+    for step in range(3):
+        if step == 1:
+            state.reset_counts()
+        a, b = a0.clone().requires_grad_(), b0.clone().requires_grad_()
+        with lossscale.autocast("fp8-delayed", emulate=True, recipe_state=state):
+            y = torch.matmul(a * 1e-3, b * 1e3)  # activations, not leaves
+        y.sum().backward()
+    counts = state.read()
+    assert sum(c.saturated for c in counts.values()) == 0
+    ref = torch.matmul(a0 * 1e-3, b0 * 1e3)
+    assert ((y.detach() - ref).abs().max() / ref.abs().max()).item() < 0.1
+    assert {"matmul.input", "matmul.mat2.input"} <= {k for k, _ in counts}
+
+
+def test_composite_pieces_give_each_operand_slot_its_own_delayed_history() -> None:
+    gen = torch.Generator().manual_seed(0)
+    a0 = torch.randn(2, 8, 16, generator=gen)
+    b0 = torch.randn(2, 16, 4, generator=gen)
+    state = RecipeState()
+    for step in range(3):
+        if step == 1:
+            state.reset_counts()
+        a, b = a0.clone().requires_grad_(), b0.clone().requires_grad_()
+        with lossscale.autocast("fp8-delayed", emulate=True, recipe_state=state):
+            y = torch.einsum("bij,bjk->bik", a * 1e-3, b * 1e3)  # activations, not leaves
+        y.sum().backward()
+    counts = state.read()
+    assert sum(c.saturated for (_, ph), c in counts.items() if ph == "fwd") == 0
+    assert any(k.endswith(".mat2.input") for k, _ in counts)
+
+
+def test_delayed_without_model_warns_once_per_state() -> None:
+    state = RecipeState()
+    with pytest.warns(UserWarning, match="keyed by op name only.*model="):
+        lossscale.autocast("fp8-delayed", emulate=True, recipe_state=state)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lossscale.autocast("fp8-delayed", emulate=True, recipe_state=state)  # once per RecipeState
+        lossscale.autocast("fp8-delayed", emulate=True, recipe_state=RecipeState(), model=torch.nn.Linear(2, 2))

@@ -210,9 +210,13 @@ class Emulator:
             phase: Phase = "fwd" if info.phase == "forward" else ("dgrad" if grad else "wgrad")
             ctx = self._gemm_context(info.op, "weight")
             fmt_r = ctx.grad if grad else ctx.compute
+            # One history per operand slot: the second operand of a piece (mat2, batch2, ...) is keyed
+            # f"{site}.{slot}.input", never sharing the first operand's history.
+            slot = info.role.removeprefix("grad_")
+            site_r = ctx.site if grad or slot in ("input", "weight", "mat1", "batch1") else f"{ctx.site}.{slot}"
             return recipe_operand(
                 x, op=info.op, role=role, phase=phase, dim=info.reduction_dims[-1], recipe=ctx.recipe, fmt=fmt_r,
-                state=ctx.state, site=ctx.site,
+                state=ctx.state, site=site_r,
             )
         if scaled:
             return scaled_round(x, fmt, site, counters)

@@ -507,6 +507,17 @@ class Autocast:
                 "context only; pass one lossscale.RecipeState() to every step's autocast",
                 stacklevel=3,
             )
+        if (
+            model is None and recipe_state is not None and not recipe_state.warned_no_model
+            and self.precision.recipe is not None and self.precision.recipe.kind == "delayed"
+        ):
+            recipe_state.warned_no_model = True
+            warnings.warn(
+                f"{self.precision.name}: without model= the delayed-scaling histories are keyed by op name only "
+                "(every linear shares 'linear.input' and 'linear.weight'); pass model= to autocast to keep one "
+                "history per layer",
+                stacklevel=3,
+            )
         self.recipe_state = recipe_state
         if emulate is not None and not isinstance(emulate, bool):
             raise TypeError(f"emulate must be a bool or None, got {type(emulate).__name__}")

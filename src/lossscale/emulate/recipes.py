@@ -113,6 +113,7 @@ class RecipeState:
         self._elements: dict[tuple[str, str], int] = {}
         self.amax: dict[str, list[torch.Tensor]] = {}
         self.hists: dict[str, list[torch.Tensor]] = {}
+        self.warned_no_model = False  # autocast's one warning: delayed histories keyed by op name only
 
     def _add(self, key: tuple[str, str], x: torch.Tensor, values: list[torch.Tensor]) -> None:
         self._elements[key] = self._elements.get(key, 0) + x.numel()
@@ -354,7 +355,7 @@ class RecipeGEMM(torch.autograd.Function):
         ctx.save_for_backward(a, b)
         ctx.has_bias = bias is not None
         aq = _q(g, a, "input", "fwd", -1)
-        bq = _q(g, b, g.role_b, "fwd", -2)
+        bq = _q(g, b, g.role_b, "fwd", -2, slot_b=True)
         y = torch.matmul(aq, bq)
         if bias is not None:
             y = y + (bias if g.output is None else quantize(bias, g.output))
@@ -367,7 +368,7 @@ class RecipeGEMM(torch.autograd.Function):
         da = db = dbias = None
         if ctx.needs_input_grad[0]:
             gq = _q(g, grad, "grad_output", "dgrad", -1)
-            bq = _q(g, b, g.role_b, "dgrad", -1)
+            bq = _q(g, b, g.role_b, "dgrad", -1, slot_b=True)
             da = _out(g, torch.matmul(gq, bq.transpose(-1, -2)))
         if ctx.needs_input_grad[1]:
             if b.dim() == 2:  # reduce over every row of a (all tokens)
@@ -382,10 +383,15 @@ class RecipeGEMM(torch.autograd.Function):
         return da, db, dbias, None
 
 
-def _q(g: GEMMContext, x: torch.Tensor, role: Role, phase: Phase, dim: int) -> torch.Tensor:
+def _q(
+    g: GEMMContext, x: torch.Tensor, role: Role, phase: Phase, dim: int, slot_b: bool = False
+) -> torch.Tensor:
     fmt = g.grad if role == "grad_output" else g.compute
+    # The second operand of an activation x activation GEMM (role "input" too) gets its own site, so that
+    # the two operands never share one delayed-scaling history (keys f"{site}.mat2.input").
+    site = f"{g.site}.mat2" if slot_b and role == "input" else g.site
     return recipe_operand(
-        x, op=g.op, role=role, phase=phase, dim=dim, recipe=g.recipe, fmt=fmt, state=g.state, site=g.site
+        x, op=g.op, role=role, phase=phase, dim=dim, recipe=g.recipe, fmt=fmt, state=g.state, site=site
     )
 
 
