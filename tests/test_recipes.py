@@ -331,3 +331,25 @@ def test_delayed_without_model_warns_once_per_state() -> None:
         warnings.simplefilter("error")
         lossscale.autocast("fp8-delayed", emulate=True, recipe_state=state)  # once per RecipeState
         lossscale.autocast("fp8-delayed", emulate=True, recipe_state=RecipeState(), model=torch.nn.Linear(2, 2))
+
+
+def test_delayed_first_layer_records_grad_output_in_wgrad() -> None:
+    # A first layer (its input needs no gradient) has no dgrad GEMM: grad_output's amax must be recorded in
+    # wgrad, else its scale stays 1 and gradients of ~1e-6 all underflow in E5M2 (min subnormal 2^-16).
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 32)
+    x = torch.randn(16, 64)
+    c = torch.randn(16, 32) * 1e-6
+    state = RecipeState()
+    for step in range(3):
+        if step == 2:
+            state.reset_counts()
+        layer.zero_grad()
+        with lossscale.autocast("fp8-delayed", emulate=True, recipe_state=state, model=layer):
+            y = layer(x)
+        (y * c).sum().backward()
+    ref = c.t() @ x  # the FP32 weight gradient
+    grads = [cnt for (k, ph), cnt in state.read().items() if k.endswith("grad_output") and ph == "wgrad"]
+    assert grads and sum(g.nonzero for g in grads) > 0
+    assert sum(g.underflow for g in grads) < 0.01 * sum(g.nonzero for g in grads)
+    assert ((layer.weight.grad - ref).abs().max() / ref.abs().max()).item() < 0.15  # E4M3/E5M2 operands

@@ -221,6 +221,7 @@ def recipe_operand(
     fmt: FloatFormat,
     state: RecipeState,
     site: str,
+    records: bool | None = None,
 ) -> torch.Tensor:
     """Quantize one GEMM operand as ``recipe`` does and return it dequantized (FP32; no autograd history).
 
@@ -235,6 +236,9 @@ def recipe_operand(
         fmt: the element format (E4M3, E5M2, E2M1, ...).
         state: the :class:`RecipeState` (histories and counters).
         site: the site name (module path and op); the state keys are ``f"{site}.{role}"``.
+        records: whether this call records the operand's amax (delayed history, ``record_amax``); None: the
+            default above. ``grad_output`` records in ``"wgrad"`` when the GEMM has no dgrad (a first layer
+            whose input does not require grad).
 
     Counts underflow, saturation, NaN blocks and (delayed) stale-scale overflow into ``state``. Does not
     synchronise.
@@ -246,6 +250,8 @@ def recipe_operand(
     if x.dtype != torch.float32:
         raise TypeError(f"{op}: recipe operands must be float32, got {x.dtype}")
     key = f"{site}.{role}"
+    if records is None:
+        records = phase == ("dgrad" if role == "grad_output" else "fwd")
     x = x.detach()
     stale = torch.zeros((), dtype=torch.int64, device=x.device)
     if x.numel() == 0:
@@ -269,7 +275,6 @@ def recipe_operand(
             if hist is None:
                 hist = _Delayed(recipe.amax_history_len, x.device)
                 state.delayed[key] = hist
-            records = phase == "fwd" if role != "grad_output" else phase == "dgrad"
             scale = hist.scale if records else hist.last_scale
             if not recipe.enabled:
                 scale = torch.ones_like(scale)
@@ -301,7 +306,7 @@ def recipe_operand(
     nonfinite = torch.count_nonzero(finite & ~torch.isfinite(out))
     counts = [nonzero, underflow, saturated, nonfinite, stale, torch.ones((), dtype=torch.int64, device=x.device)]
     state._add((key, phase), x, counts)
-    if state.record_amax and phase == ("dgrad" if role == "grad_output" else "fwd"):
+    if state.record_amax and records:
         state.amax.setdefault(key, []).append(amax.float())
         state.hists.setdefault(key, []).append(_binades(x))
     return out
@@ -376,7 +381,8 @@ class RecipeGEMM(torch.autograd.Function):
             else:
                 a2, g2 = a, grad
             aq = _q(g, a2, "input", "wgrad", -2)
-            gq = _q(g, g2, "grad_output", "wgrad", -2)
+            # No dgrad GEMM (the input needs no gradient): grad_output's amax is recorded here instead.
+            gq = _q(g, g2, "grad_output", "wgrad", -2, records=None if ctx.needs_input_grad[0] else True)
             db = _out(g, torch.matmul(aq.transpose(-1, -2), gq))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             dbias = _out(g, grad.reshape(-1, grad.shape[-1]).sum(0))
@@ -384,14 +390,21 @@ class RecipeGEMM(torch.autograd.Function):
 
 
 def _q(
-    g: GEMMContext, x: torch.Tensor, role: Role, phase: Phase, dim: int, slot_b: bool = False
+    g: GEMMContext,
+    x: torch.Tensor,
+    role: Role,
+    phase: Phase,
+    dim: int,
+    slot_b: bool = False,
+    records: bool | None = None,
 ) -> torch.Tensor:
     fmt = g.grad if role == "grad_output" else g.compute
     # The second operand of an activation x activation GEMM (role "input" too) gets its own site, so that
     # the two operands never share one delayed-scaling history (keys f"{site}.mat2.input").
     site = f"{g.site}.mat2" if slot_b and role == "input" else g.site
     return recipe_operand(
-        x, op=g.op, role=role, phase=phase, dim=dim, recipe=g.recipe, fmt=fmt, state=g.state, site=site
+        x, op=g.op, role=role, phase=phase, dim=dim, recipe=g.recipe, fmt=fmt, state=g.state, site=site,
+        records=records,
     )
 
 
