@@ -174,6 +174,7 @@ class Emulator:
         self.autocast_nesting: int | None = 0
         self.replay_depth = 0
         self.module_stack: list[str] = []
+        self.model: torch.nn.Module | None = None  # autocast's model= (checkpoint recomputations re-hook it)
         # Like torch.autocast's cast cache: a leaf tensor that requires grad (a weight) is rounded once per
         # context, so that all its uses share one rounded copy and its gradient is rounded once.
         self._cache: dict[tuple[int, int, str, bool], tuple[torch.Tensor, torch.Tensor]] = {}

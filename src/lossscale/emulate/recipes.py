@@ -89,6 +89,10 @@ class _Delayed:
         self.history = torch.zeros(length, dtype=torch.float32, device=device)
         self.scale = torch.ones((), dtype=torch.float32, device=device)
         self.last_scale = self.scale.clone()
+        # Forward calls recorded since the last backward use: a checkpoint recomputation replays last_scale,
+        # which is the scale of every forward call only when there was one (see RecipeState.replaying).
+        self.fwd_calls = 0
+        self.in_backward = False
 
 
 class RecipeState:
@@ -114,6 +118,10 @@ class RecipeState:
         self.amax: dict[str, list[torch.Tensor]] = {}
         self.hists: dict[str, list[torch.Tensor]] = {}
         self.warned_no_model = False  # autocast's one warning: delayed histories keyed by op name only
+        # True while activation checkpointing recomputes a forward segment: forward operands replay the scale
+        # of the original forward (delayed: last_scale) and are neither recorded nor counted.
+        self.replaying = False
+        self.warned_replay = False
 
     def _add(self, key: tuple[str, str], x: torch.Tensor, values: list[torch.Tensor]) -> None:
         self._elements[key] = self._elements.get(key, 0) + x.numel()
@@ -252,6 +260,7 @@ def recipe_operand(
     key = f"{site}.{role}"
     if records is None:
         records = phase == ("dgrad" if role == "grad_output" else "fwd")
+    replay = state.replaying and phase == "fwd"
     x = x.detach()
     stale = torch.zeros((), dtype=torch.int64, device=x.device)
     if x.numel() == 0:
@@ -264,7 +273,7 @@ def recipe_operand(
         blocks, n = _blocked(x, d, bfmt.block_size)
         p, mult, _ = _quantize_blocks(blocks, bfmt, recipe.scale_mode)
         out = _unblocked(p.mul_(mult), n, d, contiguous=False)  # a view: the GEMM takes any layout
-        if not (state.count or state.record_amax):
+        if replay or not (state.count or state.record_amax):
             return out
         saturated = torch.count_nonzero(blocks.abs() > _past_max(fmt) * mult)
         amax = x.abs().amax()
@@ -275,6 +284,25 @@ def recipe_operand(
             if hist is None:
                 hist = _Delayed(recipe.amax_history_len, x.device)
                 state.delayed[key] = hist
+            if replay:
+                records = False
+                if hist.fwd_calls > 1 and not state.warned_replay:
+                    state.warned_replay = True
+                    warnings.warn(
+                        f"{op}: activation checkpointing recomputes {key!r} under delayed scaling, but that "
+                        f"history was used by {hist.fwd_calls} forward calls since its last backward (a shared "
+                        "site: no model= to autocast, a module called twice, or several forwards per backward); "
+                        "the recomputation replays the last call's scale, so its gradients may differ from the "
+                        "un-checkpointed run",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+            elif records and role != "grad_output":
+                if hist.in_backward:
+                    hist.fwd_calls, hist.in_backward = 0, False
+                hist.fwd_calls += 1
+            elif phase != "fwd":
+                hist.in_backward = True
             scale = hist.scale if records else hist.last_scale
             if not recipe.enabled:
                 scale = torch.ones_like(scale)
@@ -297,7 +325,7 @@ def recipe_operand(
         if not recipe.enabled:
             scale = torch.ones_like(scale)
         out, xs = _scaled(x, fmt, scale, divide=recipe.kind == "rowwise")
-        if not (state.count or state.record_amax):
+        if replay or not (state.count or state.record_amax):
             return out
         saturated = torch.count_nonzero((xs.abs() > _past_max(fmt)) & torch.isfinite(x))
     finite = torch.isfinite(x)
