@@ -353,3 +353,45 @@ def test_delayed_first_layer_records_grad_output_in_wgrad() -> None:
     assert grads and sum(g.nonzero for g in grads) > 0
     assert sum(g.underflow for g in grads) < 0.01 * sum(g.nonzero for g in grads)
     assert ((layer.weight.grad - ref).abs().max() / ref.abs().max()).item() < 0.15  # E4M3/E5M2 operands
+
+
+def test_composite_backward_pieces_take_the_recipe_along_their_reduction_dims() -> None:
+    # einsum's backward runs aten bmm pieces (dgrad: g @ b^T, wgrad: a^T @ g): under mxfp8 both operands of
+    # every one of them, the gradient included, must hold MX-quantized E4M3 values along that GEMM's
+    # reduction dim, in an aten-level audit. Negative control: the same audit of the unemulated backward.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    class Audit(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if func is torch.ops.aten.bmm.default:
+                seen.append((args[0].detach().clone(), args[1].detach().clone()))
+            return func(*args, **(kwargs or {}))
+
+    def mx_valued(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return torch.equal(a, lossscale.quantize(a, "mxfp8_e4m3", dim=-1)) and torch.equal(
+            b, lossscale.quantize(b, "mxfp8_e4m3", dim=-2)
+        )
+
+    gen = torch.Generator().manual_seed(1)
+    a = (torch.randn(2, 32, 64, generator=gen) * 3).requires_grad_()
+    b = torch.randn(2, 64, 32, generator=gen).requires_grad_()
+    g = torch.randn(2, 32, 32, generator=gen) * torch.exp2(torch.randint(-8, 8, (2, 32, 32), generator=gen))
+    state = RecipeState()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with lossscale.autocast("mxfp8", emulate=True, recipe_state=state):
+            y = torch.einsum("bij,bjk->bik", a, b)
+    with Audit():
+        y.backward(g)
+    assert len(seen) == 2, [(x.shape, w.shape) for x, w in seen]
+    assert all(mx_valued(x, w) for x, w in seen)
+    phases = {(k, ph) for k, ph in state.read()}
+    assert {("einsum.bmm.grad_output", "dgrad"), ("einsum.bmm.grad_output", "wgrad")} <= phases
+    seen.clear()
+    a.grad = b.grad = None
+    y = torch.einsum("bij,bjk->bik", a, b)
+    with Audit():
+        y.backward(g)
+    assert len(seen) == 2 and not any(mx_valued(x, w) for x, w in seen)

@@ -82,7 +82,10 @@ class _RoundingMode(TorchDispatchMode):
             elif x.untyped_storage().data_ptr() in self._saved_ptrs:
                 new[i] = self._round(x, emu.compute, piece, role, dims, emu.scaled)  # as in forward
             else:
-                new[i] = self._round(x, emu.grad, piece, "grad_" + role, dims, False)
+                # Under a scaling recipe the gradient operand takes the recipe in the grad format (E5M2), not
+                # the emulator's result-gradient rounding (the output format there).
+                gfmt = emu.precision.grad_format if emu.recipe is not None else emu.grad
+                new[i] = self._round(x, gfmt, piece, "grad_" + role, dims, False)
         for i in addends:
             x = args[i] if i < len(args) else None
             if isinstance(x, torch.Tensor) and x.dtype == torch.float32:
