@@ -395,3 +395,20 @@ def test_composite_backward_pieces_take_the_recipe_along_their_reduction_dims() 
     with Audit():
         y.backward(g)
     assert len(seen) == 2 and not any(mx_valued(x, w) for x, w in seen)
+
+
+def test_quantize_count_false_is_not_counted_under_a_recipe() -> None:
+    # count=False marks a recomputation of a rounding already counted (flash attention's P in backward): the
+    # recipe path must neither count it nor record it, and must return the same values as the counted call.
+    from lossscale.emulate._core import Emulator, Operand
+
+    state = RecipeState(record_amax=True)
+    emu = Emulator(Precision.parse("mxfp8"), None, state)
+    p = torch.rand(2, 8, 64, generator=torch.Generator().manual_seed(2))
+    info = Operand("sdpa", "probs", "forward", (-1,), True)
+    counted = emu.quantize(p, emu.compute, "", info)
+    again = emu.quantize(p, emu.compute, "", info, count=False)
+    assert torch.equal(counted, again)
+    counts = state.read()
+    assert sum(c.calls for c in counts.values()) == 1
+    assert sum(len(v) for v in state.amax.values()) == 1

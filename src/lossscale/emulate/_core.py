@@ -224,7 +224,7 @@ class Emulator:
             site_r = ctx.site if grad or slot in ("input", "weight", "mat1", "batch1") else f"{ctx.site}.{slot}"
             return recipe_operand(
                 x, op=info.op, role=role, phase=phase, dim=info.reduction_dims[-1], recipe=ctx.recipe, fmt=fmt_r,
-                state=ctx.state, site=site_r,
+                state=ctx.state, site=site_r, count=count,
             )
         if scaled:
             return scaled_round(x, fmt, site, counters)

@@ -230,6 +230,7 @@ def recipe_operand(
     state: RecipeState,
     site: str,
     records: bool | None = None,
+    count: bool = True,
 ) -> torch.Tensor:
     """Quantize one GEMM operand as ``recipe`` does and return it dequantized (FP32; no autograd history).
 
@@ -247,6 +248,8 @@ def recipe_operand(
         records: whether this call records the operand's amax (delayed history, ``record_amax``); None: the
             default above. ``grad_output`` records in ``"wgrad"`` when the GEMM has no dgrad (a first layer
             whose input does not require grad).
+        count: False for a recomputation of a quantization already counted (flash attention's backward): not
+            counted in ``state`` nor recorded for the advisor.
 
     Counts underflow, saturation, NaN blocks and (delayed) stale-scale overflow into ``state``. Does not
     synchronise.
@@ -273,7 +276,7 @@ def recipe_operand(
         blocks, n = _blocked(x, d, bfmt.block_size)
         p, mult, _ = _quantize_blocks(blocks, bfmt, recipe.scale_mode)
         out = _unblocked(p.mul_(mult), n, d, contiguous=False)  # a view: the GEMM takes any layout
-        if replay or not (state.count or state.record_amax):
+        if replay or not count or not (state.count or state.record_amax):
             return out
         saturated = torch.count_nonzero(blocks.abs() > _past_max(fmt) * mult)
         amax = x.abs().amax()
@@ -325,7 +328,7 @@ def recipe_operand(
         if not recipe.enabled:
             scale = torch.ones_like(scale)
         out, xs = _scaled(x, fmt, scale, divide=recipe.kind == "rowwise")
-        if replay or not (state.count or state.record_amax):
+        if replay or not count or not (state.count or state.record_amax):
             return out
         saturated = torch.count_nonzero((xs.abs() > _past_max(fmt)) & torch.isfinite(x))
     finite = torch.isfinite(x)
