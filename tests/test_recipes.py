@@ -284,6 +284,7 @@ def test_composite_op_pieces_take_the_recipe_along_their_reduction_dims() -> Non
     assert seen and not any(mx_valued(x, y) for x, y in seen)
 
 
+@pytest.mark.filterwarnings("ignore:.*keyed by op name only")
 def test_delayed_gives_each_operand_of_an_activation_gemm_its_own_history() -> None:
     # matmul(a * 1e-3, b * 1e3) with both operands activations: one shared history would give b the scale of
     # a's (tiny) amax and saturate it. Each operand slot has its own history: after the first step (scale 1)
@@ -306,6 +307,7 @@ def test_delayed_gives_each_operand_of_an_activation_gemm_its_own_history() -> N
     assert {"matmul.input", "matmul.mat2.input"} <= {k for k, _ in counts}
 
 
+@pytest.mark.filterwarnings("ignore:.*keyed by op name only")
 def test_composite_pieces_give_each_operand_slot_its_own_delayed_history() -> None:
     gen = torch.Generator().manual_seed(0)
     a0 = torch.randn(2, 8, 16, generator=gen)
