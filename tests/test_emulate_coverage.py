@@ -602,3 +602,64 @@ def test_unhandled_gemm_named_torch_function_is_loud() -> None:
             y = torch.linalg.vecdot(a, b)
     assert torch.equal(y, torch.linalg.vecdot(a, b))  # ran in FP32
     assert sum(n for op, n in counters.unemulated.items() if "vecdot" in op) == 1
+
+
+def test_composite_backward_twice_with_retain_graph_and_double_backward_is_loud() -> None:
+    # A composite (einsum) runs as an inner autograd region: backward(retain_graph=True) twice must work and
+    # accumulate exactly twice the gradient of one backward; create_graph must raise, not drop terms.
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(4, 8, generator=gen, requires_grad=True)
+    b = torch.randn(8, 3, generator=gen, requires_grad=True)
+    with lossscale.autocast("bf16-mixed", emulate=True):
+        z = torch.einsum("ij,jk->ik", a, b).sum()
+    z.backward(retain_graph=True)
+    first = a.grad.clone()  # type: ignore[union-attr]
+    z.backward()
+    assert torch.equal(a.grad, 2 * first)  # type: ignore[arg-type]
+    a.grad = b.grad = None
+    with lossscale.autocast("bf16-mixed", emulate=True):
+        z = torch.einsum("ij,jk->ik", a, b).square().sum()  # the incoming gradient 2y depends on a and b
+    (ga,) = torch.autograd.grad(z, [a], create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        ga.sum().backward()
+
+
+def _delayed_ckpt_run(how: str, steps: int = 3) -> tuple[list[torch.Tensor], lossscale.RecipeState]:
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 32))
+    gen = torch.Generator().manual_seed(6)
+    state = lossscale.RecipeState()
+    for step in range(steps):
+        model.zero_grad()
+        x = (torch.randn(4, 32, generator=gen) * 2.0**step).requires_grad_()  # amax moves: so do the scales
+        with lossscale.autocast("fp8-delayed", emulate=True, recipe_state=state, model=model):
+            if how == "none":
+                y = model(x)
+            else:
+                y = checkpoint(model[:2], x, use_reentrant=how == "reentrant")
+                y = checkpoint(model[2:], y, use_reentrant=how == "reentrant")
+        (y.pow(2).mean() * 1e-3).backward()
+    return [p.grad.clone() for p in model.parameters()], state  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("how", ["reentrant", "non_reentrant"])
+def test_checkpoint_under_delayed_scaling_is_bit_identical(how: str) -> None:
+    # The recomputation replays the original forward's delayed scales from the same RecipeState, without
+    # recording a second amax or counting twice: gradients, scales and counts equal the un-checkpointed run.
+    ref, s_ref = _delayed_ckpt_run("none")
+    got, s_got = _delayed_ckpt_run(how)
+    assert all(torch.equal(a, b) for a, b in zip(ref, got, strict=True))
+    assert s_ref.delayed.keys() == s_got.delayed.keys()
+    assert all(torch.equal(s_ref.delayed[k].scale, s_got.delayed[k].scale) for k in s_ref.delayed)
+    assert not any(torch.equal(h.scale, torch.ones(())) for h in s_ref.delayed.values())  # scales moved
+    assert s_ref.read() == s_got.read()
+
+
+def test_checkpoint_under_delayed_scaling_with_a_shared_site_warns() -> None:
+    layer = nn.Linear(16, 16)
+    state = lossscale.RecipeState()
+    x = torch.randn(4, 16)
+    with lossscale.autocast("fp8-delayed", emulate=True, recipe_state=state, model=layer):
+        y = checkpoint(lambda t: layer(layer(t)), x, use_reentrant=False)  # one module called twice
+    with pytest.warns(RuntimeWarning, match="replays the last call's scale"):
+        y.sum().backward()

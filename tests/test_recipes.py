@@ -282,3 +282,135 @@ def test_composite_op_pieces_take_the_recipe_along_their_reduction_dims() -> Non
     with Audit():
         torch.einsum("bij,bjk->bik", a, b)
     assert seen and not any(mx_valued(x, y) for x, y in seen)
+
+
+@pytest.mark.filterwarnings("ignore:.*keyed by op name only")
+def test_delayed_gives_each_operand_of_an_activation_gemm_its_own_history() -> None:
+    # matmul(a * 1e-3, b * 1e3) with both operands activations: one shared history would give b the scale of
+    # a's (tiny) amax and saturate it. Each operand slot has its own history: after the first step (scale 1)
+    # nothing saturates and the product matches FP32 to E4M3's precision.
+    gen = torch.Generator().manual_seed(0)
+    a0 = torch.randn(2, 8, 16, generator=gen)
+    b0 = torch.randn(2, 16, 4, generator=gen)
+    state = RecipeState()
+    for step in range(3):
+        if step == 1:
+            state.reset_counts()
+        a, b = a0.clone().requires_grad_(), b0.clone().requires_grad_()
+        with lossscale.autocast("fp8-delayed", emulate=True, recipe_state=state):
+            y = torch.matmul(a * 1e-3, b * 1e3)  # activations, not leaves
+        y.sum().backward()
+    counts = state.read()
+    assert sum(c.saturated for c in counts.values()) == 0
+    ref = torch.matmul(a0 * 1e-3, b0 * 1e3)
+    assert ((y.detach() - ref).abs().max() / ref.abs().max()).item() < 0.1
+    assert {"matmul.input", "matmul.mat2.input"} <= {k for k, _ in counts}
+
+
+@pytest.mark.filterwarnings("ignore:.*keyed by op name only")
+def test_composite_pieces_give_each_operand_slot_its_own_delayed_history() -> None:
+    gen = torch.Generator().manual_seed(0)
+    a0 = torch.randn(2, 8, 16, generator=gen)
+    b0 = torch.randn(2, 16, 4, generator=gen)
+    state = RecipeState()
+    for step in range(3):
+        if step == 1:
+            state.reset_counts()
+        a, b = a0.clone().requires_grad_(), b0.clone().requires_grad_()
+        with lossscale.autocast("fp8-delayed", emulate=True, recipe_state=state):
+            y = torch.einsum("bij,bjk->bik", a * 1e-3, b * 1e3)  # activations, not leaves
+        y.sum().backward()
+    counts = state.read()
+    assert sum(c.saturated for (_, ph), c in counts.items() if ph == "fwd") == 0
+    assert any(k.endswith(".mat2.input") for k, _ in counts)
+
+
+def test_delayed_without_model_warns_once_per_state() -> None:
+    state = RecipeState()
+    with pytest.warns(UserWarning, match="keyed by op name only.*model="):
+        lossscale.autocast("fp8-delayed", emulate=True, recipe_state=state)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lossscale.autocast("fp8-delayed", emulate=True, recipe_state=state)  # once per RecipeState
+        lossscale.autocast("fp8-delayed", emulate=True, recipe_state=RecipeState(), model=torch.nn.Linear(2, 2))
+
+
+def test_delayed_first_layer_records_grad_output_in_wgrad() -> None:
+    # A first layer (its input needs no gradient) has no dgrad GEMM: grad_output's amax must be recorded in
+    # wgrad, else its scale stays 1 and gradients of ~1e-6 all underflow in E5M2 (min subnormal 2^-16).
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 32)
+    x = torch.randn(16, 64)
+    c = torch.randn(16, 32) * 1e-6
+    state = RecipeState()
+    for step in range(3):
+        if step == 2:
+            state.reset_counts()
+        layer.zero_grad()
+        with lossscale.autocast("fp8-delayed", emulate=True, recipe_state=state, model=layer):
+            y = layer(x)
+        (y * c).sum().backward()
+    ref = c.t() @ x  # the FP32 weight gradient
+    grads = [cnt for (k, ph), cnt in state.read().items() if k.endswith("grad_output") and ph == "wgrad"]
+    assert grads and sum(g.nonzero for g in grads) > 0
+    assert sum(g.underflow for g in grads) < 0.01 * sum(g.nonzero for g in grads)
+    assert ((layer.weight.grad - ref).abs().max() / ref.abs().max()).item() < 0.15  # E4M3/E5M2 operands
+
+
+def test_composite_backward_pieces_take_the_recipe_along_their_reduction_dims() -> None:
+    # einsum's backward runs aten bmm pieces (dgrad: g @ b^T, wgrad: a^T @ g): under mxfp8 both operands of
+    # every one of them, the gradient included, must hold MX-quantized E4M3 values along that GEMM's
+    # reduction dim, in an aten-level audit. Negative control: the same audit of the unemulated backward.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    class Audit(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if func is torch.ops.aten.bmm.default:
+                seen.append((args[0].detach().clone(), args[1].detach().clone()))
+            return func(*args, **(kwargs or {}))
+
+    def mx_valued(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return torch.equal(a, lossscale.quantize(a, "mxfp8_e4m3", dim=-1)) and torch.equal(
+            b, lossscale.quantize(b, "mxfp8_e4m3", dim=-2)
+        )
+
+    gen = torch.Generator().manual_seed(1)
+    a = (torch.randn(2, 32, 64, generator=gen) * 3).requires_grad_()
+    b = torch.randn(2, 64, 32, generator=gen).requires_grad_()
+    g = torch.randn(2, 32, 32, generator=gen) * torch.exp2(torch.randint(-8, 8, (2, 32, 32), generator=gen))
+    state = RecipeState()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with lossscale.autocast("mxfp8", emulate=True, recipe_state=state):
+            y = torch.einsum("bij,bjk->bik", a, b)
+    with Audit():
+        y.backward(g)
+    assert len(seen) == 2, [(x.shape, w.shape) for x, w in seen]
+    assert all(mx_valued(x, w) for x, w in seen)
+    phases = {(k, ph) for k, ph in state.read()}
+    assert {("einsum.bmm.grad_output", "dgrad"), ("einsum.bmm.grad_output", "wgrad")} <= phases
+    seen.clear()
+    a.grad = b.grad = None
+    y = torch.einsum("bij,bjk->bik", a, b)
+    with Audit():
+        y.backward(g)
+    assert len(seen) == 2 and not any(mx_valued(x, w) for x, w in seen)
+
+
+def test_quantize_count_false_is_not_counted_under_a_recipe() -> None:
+    # count=False marks a recomputation of a rounding already counted (flash attention's P in backward): the
+    # recipe path must neither count it nor record it, and must return the same values as the counted call.
+    from lossscale.emulate._core import Emulator, Operand
+
+    state = RecipeState(record_amax=True)
+    emu = Emulator(Precision.parse("mxfp8"), None, state)
+    p = torch.rand(2, 8, 64, generator=torch.Generator().manual_seed(2))
+    info = Operand("sdpa", "probs", "forward", (-1,), True)
+    counted = emu.quantize(p, emu.compute, "", info)
+    again = emu.quantize(p, emu.compute, "", info, count=False)
+    assert torch.equal(counted, again)
+    counts = state.read()
+    assert sum(c.calls for c in counts.values()) == 1
+    assert sum(len(v) for v in state.amax.values()) == 1

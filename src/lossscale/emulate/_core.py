@@ -71,6 +71,10 @@ def scaled_round(
     return round_to(x * scale, fmt, site, counters) * inv
 
 
+# The first GEMM operand's role name in each aten op of lossscale.emulate.aten.GEMM_ATEN.
+_FIRST_SLOTS = frozenset({"input", "mat1", "batch1", "mat", "vec1", "i1", "grad_output"})
+
+
 @dataclasses.dataclass(frozen=True)
 class Operand:
     """What :meth:`Emulator.quantize` is told about a tensor it rounds (the one entry point of all rounding).
@@ -174,6 +178,7 @@ class Emulator:
         self.autocast_nesting: int | None = 0
         self.replay_depth = 0
         self.module_stack: list[str] = []
+        self.model: torch.nn.Module | None = None  # autocast's model= (checkpoint recomputations re-hook it)
         # Like torch.autocast's cast cache: a leaf tensor that requires grad (a weight) is rounded once per
         # context, so that all its uses share one rounded copy and its gradient is rounded once.
         self._cache: dict[tuple[int, int, str, bool], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -205,14 +210,21 @@ class Emulator:
         if self.recipe is not None and info.gemm_operand and info.reduction_dims and fmt != self.output:
             # A scaling recipe (block, row-wise, delayed) quantizes a GEMM operand along its reduction dim: the
             # aten pieces of composite ops (einsum, tensordot, ...) in forward and backward come through here.
-            grad = info.phase == "backward" and fmt == self.precision.grad_format
+            grad = info.phase == "backward" and info.role.startswith("grad_")
             role: Role = "grad_output" if grad else ("weight" if info.role == "weight" else "input")
-            phase: Phase = "fwd" if info.phase == "forward" else ("dgrad" if grad else "wgrad")
+            # A backward piece is the dgrad GEMM when the gradient is its first operand (g @ b^T), the wgrad
+            # GEMM when it is the second (a^T @ g); the saved forward operands take that piece's phase too.
+            first = info.role.removeprefix("grad_") in _FIRST_SLOTS
+            phase: Phase = "fwd" if info.phase == "forward" else ("dgrad" if first == grad else "wgrad")
             ctx = self._gemm_context(info.op, "weight")
             fmt_r = ctx.grad if grad else ctx.compute
+            # One history per operand slot: the second operand of a piece (mat2, batch2, ...) is keyed
+            # f"{site}.{slot}.input", never sharing the first operand's history.
+            slot = info.role.removeprefix("grad_")
+            site_r = ctx.site if grad or slot in ("input", "weight", "mat1", "batch1") else f"{ctx.site}.{slot}"
             return recipe_operand(
                 x, op=info.op, role=role, phase=phase, dim=info.reduction_dims[-1], recipe=ctx.recipe, fmt=fmt_r,
-                state=ctx.state, site=ctx.site,
+                state=ctx.state, site=site_r, count=count,
             )
         if scaled:
             return scaled_round(x, fmt, site, counters)

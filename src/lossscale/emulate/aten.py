@@ -82,7 +82,10 @@ class _RoundingMode(TorchDispatchMode):
             elif x.untyped_storage().data_ptr() in self._saved_ptrs:
                 new[i] = self._round(x, emu.compute, piece, role, dims, emu.scaled)  # as in forward
             else:
-                new[i] = self._round(x, emu.grad, piece, "grad_" + role, dims, False)
+                # Under a scaling recipe the gradient operand takes the recipe in the grad format (E5M2), not
+                # the emulator's result-gradient rounding (the output format there).
+                gfmt = emu.precision.grad_format if emu.recipe is not None else emu.grad
+                new[i] = self._round(x, gfmt, piece, "grad_" + role, dims, False)
         for i in addends:
             x = args[i] if i < len(args) else None
             if isinstance(x, torch.Tensor) and x.dtype == torch.float32:
@@ -173,7 +176,10 @@ class _Region(torch.autograd.Function):
         return out.detach()
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        # once_differentiable: the inner gradient is computed without create_graph, so a double backward
+        # (create_graph=True) raises instead of silently dropping the second-order terms.
         emu: Emulator = ctx.emu
         if emu.grad is not None:
             g = emu.quantize(g, emu.grad, emu._site_name(ctx.op, "output") + ".grad",
@@ -182,7 +188,9 @@ class _Region(torch.autograd.Function):
         grads: tuple[torch.Tensor | None, ...] = ()
         if wanted and ctx.out.requires_grad:
             with _RoundingMode(emu, ctx.op, "backward", ctx.saved):
-                grads = torch.autograd.grad(ctx.out, wanted, g, allow_unused=True)
+                # retain_graph: the outer graph may be backwarded again (retain_graph=True there); the inner
+                # graph lives on ctx and is freed with it.
+                grads = torch.autograd.grad(ctx.out, wanted, g, allow_unused=True, retain_graph=True)
         it = iter(grads)
         per_leaf = [next(it, None) if t.requires_grad else None for t in ctx.inner]
         return (None, None, None, None, None, *per_leaf)

@@ -263,17 +263,47 @@ class _EmulationMode(TorchFunctionMode):
 _BOUND = "_lossscale_emulation"
 
 
+def _install_hooks(model: torch.nn.Module, emu: Emulator) -> list[torch.utils.hooks.RemovableHandle]:
+    """Name the rounding sites after the innermost module running (public module hooks; the caller removes
+    the handles returned)."""
+    stack = emu.module_stack
+    hooks: list[torch.utils.hooks.RemovableHandle] = []
+    for name, module in model.named_modules():
+        label = name or type(model).__name__
+
+        def pre(_m: torch.nn.Module, _args: Any, label: str = label) -> None:
+            stack.append(label)
+
+        def post(_m: torch.nn.Module, _args: Any, _out: Any) -> None:
+            if stack:
+                stack.pop()
+
+        hooks.append(module.register_forward_pre_hook(pre))
+        hooks.append(module.register_forward_hook(post))
+    return hooks
+
+
 class _Reentered:
     """Context that re-enters a copy of ``emu`` (and the function mode) for a checkpoint recomputation."""
 
-    def __init__(self, emu: Emulator, depth: int) -> None:
-        self.emu, self.depth = emu, depth
+    def __init__(self, emu: Emulator, depth: int, modules: list[str]) -> None:
+        self.emu, self.depth, self.modules = emu, depth, modules
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
 
     def __enter__(self) -> None:
         src = self.emu
-        emu = Emulator(src.precision, src.counters)
+        # The same RecipeState, replaying: forward operands take the scales of the original forward (delayed
+        # histories are not recorded again) and the recipe counts are not counted twice.
+        emu = Emulator(src.precision, src.counters, src.recipe_state)
+        self._replaying, src.recipe_state.replaying = src.recipe_state.replaying, True
         emu.strict, emu.native_device_type = src.strict, src.native_device_type
         emu.autocast_nesting, emu.replay_depth = None, self.depth
+        # The site names of the original forward (a recipe's state is keyed by them): the module stack when
+        # the emulation bound to the checkpoint, and autocast's model= hooks again for the modules inside.
+        emu.module_stack[:] = self.modules
+        emu.model = src.model
+        if src.model is not None:
+            self._hooks = _install_hooks(src.model, emu)
         self._mode = _EmulationMode()
         _LOCAL.stack.append(emu)
         self._busy, _LOCAL.busy = _LOCAL.busy, 0
@@ -285,14 +315,19 @@ class _Reentered:
         finally:
             _LOCAL.stack.pop()
             _LOCAL.busy = self._busy
+            self.emu.recipe_state.replaying = self._replaying
+            for handle in self._hooks:
+                handle.remove()
+            self._hooks.clear()
 
 
 def _reentering(fn: Callable[..., Any], emu: Emulator) -> Callable[..., Any]:
     # The autocast depth of the first handled op relative to the region, replayed in the recomputation.
     depth = _nesting() - (emu.autocast_nesting or 0)
+    modules = list(emu.module_stack)
 
     def run(*args: Any, **kwargs: Any) -> Any:
-        with _Reentered(emu, depth):
+        with _Reentered(emu, depth, modules):
             return fn(*args, **kwargs)
 
     setattr(run, _BOUND, True)
@@ -507,6 +542,17 @@ class Autocast:
                 "context only; pass one lossscale.RecipeState() to every step's autocast",
                 stacklevel=3,
             )
+        if (
+            model is None and recipe_state is not None and not recipe_state.warned_no_model
+            and self.precision.recipe is not None and self.precision.recipe.kind == "delayed"
+        ):
+            recipe_state.warned_no_model = True
+            warnings.warn(
+                f"{self.precision.name}: without model= the delayed-scaling histories are keyed by op name only "
+                "(every linear shares 'linear.input' and 'linear.weight'); pass model= to autocast to keep one "
+                "history per layer",
+                stacklevel=3,
+            )
         self.recipe_state = recipe_state
         if emulate is not None and not isinstance(emulate, bool):
             raise TypeError(f"emulate must be a bool or None, got {type(emulate).__name__}")
@@ -558,7 +604,8 @@ class Autocast:
             self._emulator = emu
             _LOCAL.stack.append(emu)
             if self.model is not None:
-                self._install_hooks(self.model, emu)
+                emu.model = self.model
+                self._hooks = _install_hooks(self.model, emu)
             if self._hybrid:
                 emu.native_device_type = self.device_type
                 self._native = torch.autocast(self.device_type, dtype=self._dtype)
@@ -602,22 +649,6 @@ class Autocast:
                 self._emulator.clear_cache()
             self._mode = self._native = self._emulator = None
             self._depth = 0
-
-    def _install_hooks(self, model: torch.nn.Module, emu: Emulator) -> None:
-        # Name the rounding sites after the innermost module running (public module hooks, removed on exit).
-        stack = emu.module_stack
-        for name, module in model.named_modules():
-            label = name or type(model).__name__
-
-            def pre(_m: torch.nn.Module, _args: Any, label: str = label) -> None:
-                stack.append(label)
-
-            def post(_m: torch.nn.Module, _args: Any, _out: Any) -> None:
-                if stack:
-                    stack.pop()
-
-            self._hooks.append(module.register_forward_pre_hook(pre))
-            self._hooks.append(module.register_forward_hook(post))
 
     def __repr__(self) -> str:
         mode = f"native on {self.device_type}, emulated elsewhere" if self._hybrid else (

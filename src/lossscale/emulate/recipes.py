@@ -89,6 +89,10 @@ class _Delayed:
         self.history = torch.zeros(length, dtype=torch.float32, device=device)
         self.scale = torch.ones((), dtype=torch.float32, device=device)
         self.last_scale = self.scale.clone()
+        # Forward calls recorded since the last backward use: a checkpoint recomputation replays last_scale,
+        # which is the scale of every forward call only when there was one (see RecipeState.replaying).
+        self.fwd_calls = 0
+        self.in_backward = False
 
 
 class RecipeState:
@@ -113,6 +117,11 @@ class RecipeState:
         self._elements: dict[tuple[str, str], int] = {}
         self.amax: dict[str, list[torch.Tensor]] = {}
         self.hists: dict[str, list[torch.Tensor]] = {}
+        self.warned_no_model = False  # autocast's one warning: delayed histories keyed by op name only
+        # True while activation checkpointing recomputes a forward segment: forward operands replay the scale
+        # of the original forward (delayed: last_scale) and are neither recorded nor counted.
+        self.replaying = False
+        self.warned_replay = False
 
     def _add(self, key: tuple[str, str], x: torch.Tensor, values: list[torch.Tensor]) -> None:
         self._elements[key] = self._elements.get(key, 0) + x.numel()
@@ -220,6 +229,8 @@ def recipe_operand(
     fmt: FloatFormat,
     state: RecipeState,
     site: str,
+    records: bool | None = None,
+    count: bool = True,
 ) -> torch.Tensor:
     """Quantize one GEMM operand as ``recipe`` does and return it dequantized (FP32; no autograd history).
 
@@ -234,6 +245,11 @@ def recipe_operand(
         fmt: the element format (E4M3, E5M2, E2M1, ...).
         state: the :class:`RecipeState` (histories and counters).
         site: the site name (module path and op); the state keys are ``f"{site}.{role}"``.
+        records: whether this call records the operand's amax (delayed history, ``record_amax``); None: the
+            default above. ``grad_output`` records in ``"wgrad"`` when the GEMM has no dgrad (a first layer
+            whose input does not require grad).
+        count: False for a recomputation of a quantization already counted (flash attention's backward): not
+            counted in ``state`` nor recorded for the advisor.
 
     Counts underflow, saturation, NaN blocks and (delayed) stale-scale overflow into ``state``. Does not
     synchronise.
@@ -245,6 +261,9 @@ def recipe_operand(
     if x.dtype != torch.float32:
         raise TypeError(f"{op}: recipe operands must be float32, got {x.dtype}")
     key = f"{site}.{role}"
+    if records is None:
+        records = phase == ("dgrad" if role == "grad_output" else "fwd")
+    replay = state.replaying and phase == "fwd"
     x = x.detach()
     stale = torch.zeros((), dtype=torch.int64, device=x.device)
     if x.numel() == 0:
@@ -257,7 +276,7 @@ def recipe_operand(
         blocks, n = _blocked(x, d, bfmt.block_size)
         p, mult, _ = _quantize_blocks(blocks, bfmt, recipe.scale_mode)
         out = _unblocked(p.mul_(mult), n, d, contiguous=False)  # a view: the GEMM takes any layout
-        if not (state.count or state.record_amax):
+        if replay or not count or not (state.count or state.record_amax):
             return out
         saturated = torch.count_nonzero(blocks.abs() > _past_max(fmt) * mult)
         amax = x.abs().amax()
@@ -268,7 +287,25 @@ def recipe_operand(
             if hist is None:
                 hist = _Delayed(recipe.amax_history_len, x.device)
                 state.delayed[key] = hist
-            records = phase == "fwd" if role != "grad_output" else phase == "dgrad"
+            if replay:
+                records = False
+                if hist.fwd_calls > 1 and not state.warned_replay:
+                    state.warned_replay = True
+                    warnings.warn(
+                        f"{op}: activation checkpointing recomputes {key!r} under delayed scaling, but that "
+                        f"history was used by {hist.fwd_calls} forward calls since its last backward (a shared "
+                        "site: no model= to autocast, a module called twice, or several forwards per backward); "
+                        "the recomputation replays the last call's scale, so its gradients may differ from the "
+                        "un-checkpointed run",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+            elif records and role != "grad_output":
+                if hist.in_backward:
+                    hist.fwd_calls, hist.in_backward = 0, False
+                hist.fwd_calls += 1
+            elif phase != "fwd":
+                hist.in_backward = True
             scale = hist.scale if records else hist.last_scale
             if not recipe.enabled:
                 scale = torch.ones_like(scale)
@@ -291,7 +328,7 @@ def recipe_operand(
         if not recipe.enabled:
             scale = torch.ones_like(scale)
         out, xs = _scaled(x, fmt, scale, divide=recipe.kind == "rowwise")
-        if not (state.count or state.record_amax):
+        if replay or not count or not (state.count or state.record_amax):
             return out
         saturated = torch.count_nonzero((xs.abs() > _past_max(fmt)) & torch.isfinite(x))
     finite = torch.isfinite(x)
@@ -300,7 +337,7 @@ def recipe_operand(
     nonfinite = torch.count_nonzero(finite & ~torch.isfinite(out))
     counts = [nonzero, underflow, saturated, nonfinite, stale, torch.ones((), dtype=torch.int64, device=x.device)]
     state._add((key, phase), x, counts)
-    if state.record_amax and phase == ("dgrad" if role == "grad_output" else "fwd"):
+    if state.record_amax and records:
         state.amax.setdefault(key, []).append(amax.float())
         state.hists.setdefault(key, []).append(_binades(x))
     return out
@@ -354,7 +391,7 @@ class RecipeGEMM(torch.autograd.Function):
         ctx.save_for_backward(a, b)
         ctx.has_bias = bias is not None
         aq = _q(g, a, "input", "fwd", -1)
-        bq = _q(g, b, g.role_b, "fwd", -2)
+        bq = _q(g, b, g.role_b, "fwd", -2, slot_b=True)
         y = torch.matmul(aq, bq)
         if bias is not None:
             y = y + (bias if g.output is None else quantize(bias, g.output))
@@ -367,7 +404,7 @@ class RecipeGEMM(torch.autograd.Function):
         da = db = dbias = None
         if ctx.needs_input_grad[0]:
             gq = _q(g, grad, "grad_output", "dgrad", -1)
-            bq = _q(g, b, g.role_b, "dgrad", -1)
+            bq = _q(g, b, g.role_b, "dgrad", -1, slot_b=True)
             da = _out(g, torch.matmul(gq, bq.transpose(-1, -2)))
         if ctx.needs_input_grad[1]:
             if b.dim() == 2:  # reduce over every row of a (all tokens)
@@ -375,17 +412,30 @@ class RecipeGEMM(torch.autograd.Function):
             else:
                 a2, g2 = a, grad
             aq = _q(g, a2, "input", "wgrad", -2)
-            gq = _q(g, g2, "grad_output", "wgrad", -2)
+            # No dgrad GEMM (the input needs no gradient): grad_output's amax is recorded here instead.
+            gq = _q(g, g2, "grad_output", "wgrad", -2, records=None if ctx.needs_input_grad[0] else True)
             db = _out(g, torch.matmul(aq.transpose(-1, -2), gq))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             dbias = _out(g, grad.reshape(-1, grad.shape[-1]).sum(0))
         return da, db, dbias, None
 
 
-def _q(g: GEMMContext, x: torch.Tensor, role: Role, phase: Phase, dim: int) -> torch.Tensor:
+def _q(
+    g: GEMMContext,
+    x: torch.Tensor,
+    role: Role,
+    phase: Phase,
+    dim: int,
+    slot_b: bool = False,
+    records: bool | None = None,
+) -> torch.Tensor:
     fmt = g.grad if role == "grad_output" else g.compute
+    # The second operand of an activation x activation GEMM (role "input" too) gets its own site, so that
+    # the two operands never share one delayed-scaling history (keys f"{site}.mat2.input").
+    site = f"{g.site}.mat2" if slot_b and role == "input" else g.site
     return recipe_operand(
-        x, op=g.op, role=role, phase=phase, dim=dim, recipe=g.recipe, fmt=fmt, state=g.state, site=g.site
+        x, op=g.op, role=role, phase=phase, dim=dim, recipe=g.recipe, fmt=fmt, state=g.state, site=site,
+        records=records,
     )
 
 
