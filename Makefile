@@ -28,10 +28,10 @@ test-fast: setup
 	$(PY) -m pytest -n 2 --dist loadgroup -m "not slow" $(TESTS)
 
 test-gpu:
-	PYTHONPATH=src $(PYTHON) -m pytest -p no:cacheprovider -m cuda tests/test_cuda.py -q
+	PYTHONPATH=src $(PYTHON) -m pytest -p no:cacheprovider -m cuda tests/test_cuda.py tests/test_layerwise.py -q
 
 bench: setup
-	$(PY) -m pip install --quiet -c constraints.txt ".[bench]"
+	$(PY) -m pip install --quiet -c constraints.txt torch-optimi torchao  # by name: never reinstall lossscale over the editable install
 	for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 lint: setup

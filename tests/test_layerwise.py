@@ -806,6 +806,7 @@ def test_per_step_path_builds_no_tensor_directly_on_the_device(
     assert scaler.skipped_steps == 0 and all(math.isfinite(v) for v in scaler.layer_scales().values())
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("mode", ["dynamic", "adaptive"])
 def test_update_does_not_sync_on_cuda(mode: str) -> None:
