@@ -84,3 +84,26 @@ def test_diagnose_hook_and_cli(tmp_path: Path) -> None:
     rep = json.loads((out / "recipes.json").read_text())
     assert set(rep["totals"]) == {"fp8-delayed", "nvfp4"} and set(rep["delayed_history"]) == {"1", "16", "64", "256"}
     assert (out / "recipes.md").exists() and (out / "recipes_amax.png").exists()
+
+
+def test_longer_delayed_history_never_overflows_more_nor_underflows_less_on_one_sequence() -> None:
+    # The issue's claim, exact on one recorded amax sequence (the replay holds the data fixed; two training runs
+    # do not, see test_recipes): with amax_compute_algo "max" a longer window's amax is >= a shorter one's at
+    # every step, so its scale is <= : never more stale-scale overflows, never fewer underflowed values.
+    recipe = ScalingRecipe("delayed", amax_history_len=1)
+    state = RecipeState(record_amax=True)
+    gen = torch.Generator().manual_seed(3)
+    amaxes = [1.0, 0.5] * 20 + [2.0**12] + [1.0] * 10  # an oscillating amax, a jump, a drop
+    for a in amaxes:
+        x = torch.randn(256, generator=gen) * torch.exp2(torch.randint(-24, 0, (256,), generator=gen).float())
+        x = x / x.abs().max() * a
+        recipe_operand(x, op="linear", role="input", phase="fwd", dim=-1, recipe=recipe, fmt=E4M3, state=state,
+                       site="fc")
+    seq, hists = state.amax_sequence("fc.input"), state.histograms("fc.input")
+    results = {n: replay_delayed(seq, hists, E4M3, n) for n in (1, 16, 256)}
+    for short, long in ((1, 16), (16, 256)):
+        _, over_s, _, under_s = results[short]
+        _, over_l, _, under_l = results[long]
+        assert over_l <= over_s and under_l >= under_s
+    assert results[1][1] > results[256][1]  # history 1 overflows after every low step; 256 only at the jump
+    assert results[256][3] > results[1][3]  # and the jump then keeps history 256's scale low: more underflow
