@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from lossscale.cli import diagnose as cli_diagnose
 from lossscale.cli import main
-from lossscale.study import report as R
+from lossscale.study import schema as SC
 from lossscale.study import runner as RN
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -116,7 +116,7 @@ def _check_one_error_line(err: str) -> None:
 def _unknown_task_results(out: Path) -> None:
     out.mkdir()
     doc = {
-        "schema_version": R.SCHEMA_VERSION,
+        "schema_version": SC.SCHEMA_VERSION,
         "config": {"mode": "tiny", "tasks": ["mnist"], "configs": ["fp32"], "seeds": [0], "device": "cpu",
                    "workers": 1, "threads": 1, "task_details": {}},
         "environment": {"torch": "x", "device": "cpu", "threads_per_run": 1},

@@ -96,7 +96,7 @@ def test_loss_scaler_with_bf16_gradients_on_cuda() -> None:
 
 def test_study_cuda_path_tiny(tmp_path: pytest.TempPathFactory) -> None:
     from lossscale.study import ledger as L
-    from lossscale.study import report as R
+    from lossscale.study import schema as SC
     from lossscale.study.runner import RunSpec, run_one
 
     runs = [run_one(RunSpec("cnn", c, 0, "tiny", "cuda")) for c in ("fp32", "bf16-mixed:dynamic", "fp16-mixed:none")]
@@ -118,7 +118,7 @@ def test_study_cuda_path_tiny(tmp_path: pytest.TempPathFactory) -> None:
     args = parser.parse_args(["study", "--tiny", "--device", "cuda", "--tasks", "cnn", "--configs",
                               "fp32,bf16-mixed:dynamic", "--no-progress", "--out", out])
     assert args.func(args) == 0
-    doc = R.load_results(os.path.join(out, "results.json"))
+    doc = SC.load_results(os.path.join(out, "results.json"))
     assert doc["environment"].get("gpu")
     md = open(os.path.join(out, "report.md"), encoding="utf-8").read()
     assert "peak memory (MiB)" in md

@@ -11,18 +11,21 @@ SCRIPT = textwrap.dedent(
     """
     import sys, tempfile, matplotlib
     matplotlib.use("svg")
+    from lossscale import plots
     from lossscale.study import report, sweeps
     out = tempfile.mkdtemp()
     run = dict(task="cnn", config="fp16-mixed:dynamic", scaling="dynamic", seed=0, loss_curve=[2.0, 1.0, 0.5],
                scale_trajectory=[65536.0, 32768.0, 32768.0], skipped_at=[1],
                grad_exponent_histogram={"min_log2": -40, "counts": [0] * 30 + [5, 9, 3]})
     fp32 = dict(run, config="fp32", scaling="none")
-    files = report._plots({"runs": [fp32, run]}, "cnn", out)
-    assert set(files) == {"loss", "scale", "hist"}, files
+    doc = {"runs": [fp32, run]}
+    for draw in (plots.study_loss_figure, plots.study_scale_figure, plots.study_gradient_figure):
+        name = report.save_figure(draw(doc, "cnn"), out, draw.__name__ + ".png")
+        assert open(out + "/" + name, "rb").read(8) == b"\\x89PNG\\r\\n\\x1a\\n", name
     cfg = sweeps.SWEEP_CONFIGS[0]
     runs = [dict(task="rnn", config=cfg, sweep_value=v, metric=0.5, grad_format="fp16",
                  underflow_fraction={"fp16": 0.1}) for v in (64, 256)]
-    sweeps.sweep_plot("seq-len", runs, out)
+    report.save_figure(sweeps.sweep_figure("seq-len", runs), out, "sweep.png")
     assert matplotlib.get_backend() == "svg", matplotlib.get_backend()
     assert "matplotlib.pyplot" not in sys.modules
     print("ok")

@@ -729,6 +729,9 @@ def test_study_deep_mlp_layerwise_configuration() -> None:
     assert lw["final_loss"] < none["final_loss"]
     assert lw["scaler"]["kind"] == "layerwise" and len(lw["scaler"]["final_layer_scales"]) == 30
     assert lw["skipped_steps"] == 0 and lw["config"] == "fp16-mixed:layerwise"
+    from lossscale.study import schema
+
+    schema.validate(lw, schema.RUN_SCHEMA)  # a full study once died here: "layerwise" was not in the enum
 
 
 def test_freed_optimizer_id_reused_by_a_new_one_inherits_nothing() -> None:

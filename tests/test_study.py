@@ -6,15 +6,20 @@ import argparse
 import copy
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from lossscale.cli import CLIError
 from lossscale.cli import study as cli_study
 from lossscale.study import configs as C
+from lossscale.study import analysis as FI
 from lossscale.study import report as R
+from lossscale.study import schema as SC
 from lossscale.study import runner as RN
+from lossscale.study.tasks import build
 
 # ------------------------------------------------------------------------------------------------------
 # Configuration names
@@ -110,7 +115,7 @@ def _record(task: str, config: str, seed: int, metric: float, **kw: Any) -> dict
 def _doc(runs: list[dict[str, Any]]) -> dict[str, Any]:
     tasks = list(dict.fromkeys(r["task"] for r in runs))
     return {
-        "schema_version": R.SCHEMA_VERSION,
+        "schema_version": SC.SCHEMA_VERSION,
         "created": "now",
         "command": "lossscale study --tiny",
         "config": {
@@ -125,7 +130,7 @@ def _doc(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def test_schema_accepts_and_rejects() -> None:
     doc = _doc([_record("cnn", "fp32", 0, 0.9), _record("cnn", "fp16-mixed:dynamic", 0, 0.9)])
-    R.validate(doc)
+    SC.validate(doc)
     for mutate, where in [
         (lambda d: d.pop("schema_version"), "schema_version"),
         (lambda d: d["runs"][0].pop("skipped_steps"), "skipped_steps"),
@@ -140,8 +145,8 @@ def test_schema_accepts_and_rejects() -> None:
     ]:
         bad = copy.deepcopy(doc)
         mutate(bad)
-        with pytest.raises(R.SchemaError, match=where):
-            R.validate(bad)
+        with pytest.raises(SC.SchemaError, match=where):
+            SC.validate(bad)
 
 
 def test_summary_mean_std_gap() -> None:
@@ -149,7 +154,7 @@ def test_summary_mean_std_gap() -> None:
         _record("cnn", "fp32", 0, 0.90), _record("cnn", "fp32", 1, 0.94),
         _record("cnn", "fp16-mixed:none", 0, 0.50), _record("cnn", "fp16-mixed:none", 1, 0.60),
     ]
-    s = R.summarise(_doc(runs))["cnn"]
+    s = FI.summarise(_doc(runs))["cnn"]
     assert s["fp32"]["metric_mean"] == pytest.approx(0.92)
     assert s["fp32"]["metric_std"] == pytest.approx(0.0282842712)
     assert s["fp16-mixed:none"]["gap"] == pytest.approx(-0.37)
@@ -173,7 +178,7 @@ def test_findings_follow_the_numbers() -> None:
         _record("cnn", "bf16-pure:none", 0, 0.90, swamping_fraction={"bf16": 0.4}),
         _record("cnn", "bf16-pure:kahan", 0, 0.99, swamping_fraction={"bf16": 0.0}),
     ]
-    f = {x["question"]: x for x in R.findings(_doc(runs))}
+    f = {x["question"]: x for x in FI.findings(_doc(runs))}
     bf16 = f["Does BF16 need loss scaling here?"]
     assert bf16["answer"].startswith("No") and "bit-identical" in bf16["evidence"][0]
     fp16 = f["Does FP16 need loss scaling here?"]
@@ -184,11 +189,11 @@ def test_findings_follow_the_numbers() -> None:
     assert "kahan closes it on cnn" in pure["answer"]
     # Negative control: make FP16 without scaling as good as dynamic on mlp too -> no task needs it.
     runs[3] = _record("mlp", "fp16-mixed:none", 0, 0.95)
-    fp16 = {x["question"]: x for x in R.findings(_doc(runs))}["Does FP16 need loss scaling here?"]
+    fp16 = {x["question"]: x for x in FI.findings(_doc(runs))}["Does FP16 need loss scaling here?"]
     assert fp16["answer"].startswith("No task here needed it")
     # Same metric, but gradients lost and a higher final loss: "partly".
     runs[3] = _record("mlp", "fp16-mixed:none", 0, 0.95, curve=[2.0, 1.0, 1.0], underflow_fraction={"fp16": 0.3})
-    fp16 = {x["question"]: x for x in R.findings(_doc(runs))}["Does FP16 need loss scaling here?"]
+    fp16 = {x["question"]: x for x in FI.findings(_doc(runs))}["Does FP16 need loss scaling here?"]
     assert fp16["answer"].startswith("Partly on mlp") and "2.00x" in fp16["evidence"][0]
 
 
@@ -221,7 +226,7 @@ def tiny_study(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def test_tiny_study_outputs(tiny_study: str, capsys: pytest.CaptureFixture[str]) -> None:
     out = tiny_study
-    doc = R.load_results(os.path.join(out, "results.json"))  # validates against the schema
+    doc = SC.load_results(os.path.join(out, "results.json"))  # validates against the schema
     assert doc["schema_version"] == 1 and doc["config"]["mode"] == "tiny"
     assert doc["environment"]["threads_per_run"] == 1 and doc["environment"]["torch"]
     keys = sorted((r["task"], r["config"], r["seed"]) for r in doc["runs"])
@@ -257,14 +262,14 @@ def test_tiny_study_outputs(tiny_study: str, capsys: pytest.CaptureFixture[str])
 
 
 def test_resume_skips_completed_runs(tiny_study: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    before = R.load_results(os.path.join(tiny_study, "results.json"))
+    before = SC.load_results(os.path.join(tiny_study, "results.json"))
 
     def boom(*a: Any, **k: Any) -> None:
         raise AssertionError("a completed run was run again")
 
     monkeypatch.setattr(RN, "run_one", boom)
     assert _main([*TINY, "--out", tiny_study, "--resume"]) == 0
-    after = R.load_results(os.path.join(tiny_study, "results.json"))
+    after = SC.load_results(os.path.join(tiny_study, "results.json"))
     assert after["runs"] == before["runs"]
     # Without --resume an existing study is not overwritten.
     with pytest.raises(CLIError, match="--resume"):
@@ -283,7 +288,7 @@ def test_resume_skips_completed_runs(tiny_study: str, monkeypatch: pytest.Monkey
     extra[extra.index("--configs") + 1] = "fp32,fp16-mixed:none"
     assert _main([*extra, "--out", tiny_study, "--resume"]) == 0
     assert called == ["fp16-mixed:none", "fp16-mixed:none"]
-    final = R.load_results(os.path.join(tiny_study, "results.json"))
+    final = SC.load_results(os.path.join(tiny_study, "results.json"))
     assert len(final["runs"]) == len(before["runs"]) + 2
 
 
@@ -309,3 +314,97 @@ def test_cli_main_refuses_bad_configs(tmp_path: pytest.TempPathFactory, capsys: 
     expected = "lossscale study: error: unknown configuration 'fp8-hybrid:static'; valid configurations: fp32,"
     assert err.startswith(expected)
     assert err.count("\n") == 1  # one line
+
+
+@pytest.mark.parametrize("name", C.CONFIG_NAMES)
+def test_every_configuration_fits_the_run_schema(name: str) -> None:
+    """Each configuration's precision, scaling and compensation are values the run schema accepts (a full
+    study once died at its first layerwise run: the schema's enum lacked "layerwise")."""
+    (cfg,) = C.parse_configs(name)
+    props = SC.RUN_SCHEMA["properties"]
+    for field in ("precision", "scaling", "compensation"):
+        SC.validate(getattr(cfg, field), props[field], f"$.{field}")
+    with pytest.raises(SC.SchemaError, match="scaling"):
+        SC.validate("per-tensor", props["scaling"], "$.scaling")
+
+
+@pytest.mark.slow
+def test_tiny_study_of_every_configuration_writes_a_valid_file(tmp_path: Path) -> None:
+    """Every configuration (full mode's set, which --quick never runs) through the session on one task: the
+    file validates, each run is there once, and the records describe their scaler from its own config."""
+    from lossscale.scaling import config_from_dict
+    from lossscale.study import session
+
+    configs = C.parse_configs("all")
+    doc, paths = session.run_in(str(tmp_path), mode="tiny", tasks=["deep-mlp"], configs=configs, seeds=[0],
+                                workers=1, progress=False, log=lambda s: None)
+    on_disk = SC.load_results(tmp_path / "results.json")
+    assert on_disk["runs"] == doc["runs"] and len(doc["runs"]) == len(C.CONFIG_NAMES)
+    assert sorted(r["config"] for r in doc["runs"]) == sorted(C.CONFIG_NAMES)
+    for r in doc["runs"]:
+        desc = dict(r["scaler"])
+        if desc["kind"] == "layerwise":
+            continue
+        extra = {k: desc.pop(k) for k in list(desc) if k not in ("kind",) and k not in _config_fields(desc["kind"])}
+        rule = config_from_dict(desc)  # the record names exactly a rule's fields (plus the static provenance)
+        assert (r["scaling"] == "none") == (desc["kind"] == "none")
+        if desc["kind"] == "dynamic":
+            assert rule == RN.dynamic_scaling(r["steps"]) and not extra
+        if desc["kind"] == "static":
+            assert extra["chosen_by"] == "lossscale.diagnose" and r["scale_trajectory"][0] == rule.init_scale
+    dyn = doc["config"]["task_details"]["deep-mlp"]["dynamic_scaling"]
+    assert config_from_dict(dyn) == RN.dynamic_scaling(doc["config"]["task_details"]["deep-mlp"]["budget"]["steps"])
+    assert os.path.exists(paths["md"]) and os.path.exists(paths["html"])
+
+
+def _config_fields(kind: str) -> set[str]:
+    import dataclasses
+
+    from lossscale import scaling
+
+    cls = {"dynamic": scaling.DynamicScaling, "static": scaling.StaticScaling, "none": scaling.NoScaling}[kind]
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def test_session_refuses_a_results_file_of_another_mode(tmp_path: Path) -> None:
+    """Resuming a quick-mode file in tiny mode is refused by the session (StudyError naming the file), and
+    without resume an existing file is never overwritten; nothing in the file changes."""
+    from lossscale.study import session
+
+    doc = session.new_document(mode="quick", tasks=["cnn"], configs=["fp32"], seeds=[0], device="cpu", workers=1,
+                               command="test")
+    SC.write_results(tmp_path / "results.json", doc)
+    before = (tmp_path / "results.json").read_bytes()
+    configs = C.parse_configs("fp32")
+    with pytest.raises(session.StudyError, match="quick-mode study"):
+        session.run_in(str(tmp_path), mode="tiny", tasks=["cnn"], configs=configs, seeds=[0], resume=True,
+                       progress=False, log=lambda s: None)
+    with pytest.raises(session.StudyError, match="--resume"):
+        session.run_in(str(tmp_path), mode="quick", tasks=["cnn"], configs=configs, seeds=[0],
+                       progress=False, log=lambda s: None)
+    assert (tmp_path / "results.json").read_bytes() == before
+
+
+def test_fp8_delayed_study_runs_keep_one_history_per_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The study's fp8-delayed runs name rounding sites by module (autocast model=), so each linear of the deep
+    MLP keeps its own amax history, as Transformer Engine does; they once shared one history per op name."""
+    import warnings
+
+    import lossscale.emulate as E
+
+    states: list[Any] = []
+
+    class Recording(E.RecipeState):
+        def __init__(self, **kw: Any) -> None:
+            super().__init__(**kw)
+            states.append(self)
+
+    monkeypatch.setattr(E, "RecipeState", Recording)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*without model=.*")
+        RN.run_one(RN.RunSpec("deep-mlp", "fp8-delayed:none", 0, "tiny"))
+    (state,) = states
+    inputs = {k for k in state.delayed if k.endswith(".input")}
+    model = build("deep-mlp", "tiny", seed=0).model
+    n_linear = sum(1 for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert n_linear > 2 and len(inputs) == n_linear, sorted(state.delayed)[:6]

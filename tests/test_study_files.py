@@ -17,7 +17,7 @@ import pytest
 
 from lossscale.cli import main
 from lossscale.study import files as F
-from lossscale.study import report as R
+from lossscale.study import schema as SC
 from lossscale.study import runner as RN
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -65,7 +65,7 @@ def test_stale_lock_of_a_dead_process_is_taken_over(
     assert main([*ARGS, "--out", str(tmp_path)]) == 0
     err = capsys.readouterr().err
     assert f"locked by process {dead}, which is gone; taking it over" in err
-    assert R.load_results(tmp_path / "results.json")["runs"] == []
+    assert SC.load_results(tmp_path / "results.json")["runs"] == []
     assert (tmp_path / F.LOCK_NAME).read_text() == ""
 
 
@@ -79,6 +79,18 @@ def test_cli_refuses_a_locked_out_in_one_line(
     assert err.count("\n") == 1 and err.startswith("lossscale study: error: ")
     assert f"in use by process {os.getpid()}" in err
     assert not (tmp_path / "results.json").exists()
+
+
+def test_a_sweep_into_a_locked_out_is_refused_and_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A sweep adds to the study's results.json, so it takes the same lock (it once wrote without one)."""
+    monkeypatch.setattr(RN, "run_study", _no_runs)
+    with F.OutputLock(tmp_path):
+        assert main(["study", "--sweep", "batch", "--no-progress", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"in use by process {os.getpid()}" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [F.LOCK_NAME]
 
 
 SLOW_STUDY = textwrap.dedent(
@@ -114,7 +126,7 @@ def test_two_studies_into_one_out_exactly_one_runs(tmp_path: Path) -> None:
     err = loser[2]
     assert err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith("lossscale study: error: ") and f"in use by process {winner[0]}" in err
-    assert R.load_results(out / "results.json")["runs"] == []
+    assert SC.load_results(out / "results.json")["runs"] == []
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -123,7 +135,7 @@ def test_two_studies_into_one_out_exactly_one_runs(tmp_path: Path) -> None:
 
 def _doc(tag: str) -> dict[str, Any]:
     return {
-        "schema_version": R.SCHEMA_VERSION,
+        "schema_version": SC.SCHEMA_VERSION,
         "command": tag,
         "config": {"mode": "tiny", "tasks": [], "configs": [], "seeds": [], "device": "cpu", "workers": 1,
                    "threads": 1, "task_details": {}},
@@ -136,14 +148,14 @@ def _doc(tag: str) -> dict[str, Any]:
 WRITER = textwrap.dedent(
     """
     import json, os, sys, time
-    from lossscale.study import report as R
+    from lossscale.study import schema as SC
     doc = json.loads(sys.stdin.readline())
     open(sys.argv[1] + "." + sys.argv[3] + ".ready", "w").close()
     while not os.path.exists(sys.argv[4]):  # all writers start together, once imported
         time.sleep(0.01)
     for i in range(int(sys.argv[2])):
         doc["command"] = f"{sys.argv[3]}-{i}"
-        R.write_results(sys.argv[1], doc)
+        SC.write_results(sys.argv[1], doc)
     """
 )
 
@@ -170,7 +182,7 @@ def test_many_writers_and_readers_never_see_a_partial_file(tmp_path: Path) -> No
     path = tmp_path / "results.json"
     stop = tmp_path / "stop"
     go = tmp_path / "go"
-    R.write_results(path, _doc("start"))
+    SC.write_results(path, _doc("start"))
     writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(path), "40", f"w{k}", str(go)], env=_env(),
                                 stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in range(3)]
     payload = json.dumps(_doc("w")) + "\n"
@@ -192,7 +204,7 @@ def test_many_writers_and_readers_never_see_a_partial_file(tmp_path: Path) -> No
     assert [w.returncode for w in writers] == [0, 0, 0], errs
     assert all(bad == 0 for _, bad in counts), counts
     assert sum(reads for reads, _ in counts) > 0
-    final = R.load_results(path)
+    final = SC.load_results(path)
     assert final["command"].split("-")[1] == "39"  # the last write of some writer
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     assert leftovers == []

@@ -10,7 +10,9 @@ import pytest
 
 from lossscale.study import configs as C
 from lossscale.study import ledger as L
+from lossscale.study import analysis as FI
 from lossscale.study import report as R
+from lossscale.study import schema as SC
 from lossscale.study import targets as T
 
 # ------------------------------------------------------------------------------------------------------
@@ -227,7 +229,7 @@ def test_report_has_ledger_and_targets(tmp_path: Any) -> None:
         r.update({"optimizer": "x", "final_scale": None, "grad_exponent_histogram": {"min_log2": -20, "counts": [1]},
                   "scale_trajectory": [1.0] * 4, "skipped_at": []})
     doc = {
-        "schema_version": R.SCHEMA_VERSION, "created": "now", "command": "x",
+        "schema_version": SC.SCHEMA_VERSION, "created": "now", "command": "x",
         "config": {"mode": "tiny", "tasks": ["cnn"], "configs": ["fp32"], "seeds": [0, 1, 2], "device": "cpu",
                    "workers": 1, "threads": 1, "task_details": {}},
         "environment": {"torch": "2", "device": "cpu", "threads_per_run": 1}, "runs": runs,
@@ -247,7 +249,7 @@ def test_report_has_ledger_and_targets(tmp_path: Any) -> None:
 def _findings(runs: list[dict[str, Any]], chance: float = 0.1) -> dict[str, dict[str, Any]]:
     doc = _doc(runs)
     doc["config"]["task_details"] = {t: {"chance": chance} for t in doc["config"]["tasks"]}
-    return {f["question"]: f for f in R.findings(doc)}
+    return {f["question"]: f for f in FI.findings(doc)}
 
 
 def test_fp8_at_chance_alone_does_not_claim_it_trained() -> None:

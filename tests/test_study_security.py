@@ -17,6 +17,7 @@ import pytest
 from lossscale.cli import main
 from lossscale.study import data as D
 from lossscale.study import report as R
+from lossscale.study import schema as SC
 from lossscale.study import runner as RN
 
 from .test_study import _doc, _record
@@ -32,15 +33,15 @@ def _tree(root: Path) -> list[str]:
 
 def test_traversing_task_name_is_refused_and_nothing_is_written(tmp_path: Path) -> None:
     doc = _doc([_record("../../escape", "fp32", 0, 0.9)])
-    R.validate(doc)  # schema-valid: the name check is what refuses it
+    SC.validate(doc)  # schema-valid: the name check is what refuses it
     out = tmp_path / "a" / "b" / "out"
     out.mkdir(parents=True)
     path = out / "results.json"
     path.write_text(json.dumps(doc))
     before = _tree(tmp_path)
-    with pytest.raises(R.SchemaError, match=r"unknown task\(s\) '../../escape'; known tasks: cnn"):
-        R.load_results(path)
-    with pytest.raises(R.SchemaError, match="'../../escape'"):
+    with pytest.raises(SC.SchemaError, match=r"unknown task\(s\) '../../escape'; known tasks: cnn"):
+        SC.load_results(path)
+    with pytest.raises(SC.SchemaError, match="'../../escape'"):
         R.write_report(doc, out)
     assert _tree(tmp_path) == before  # no PNG two folders up, no report
 
@@ -70,15 +71,15 @@ def test_contained() -> None:
 
 def test_duplicate_and_unknown_runs_are_refused_naming_them(tmp_path: Path) -> None:
     good = _doc([_record("cnn", "fp32", 0, 0.9), _record("cnn", "fp32", 1, 0.9)])
-    R.check_names(good)
+    SC.check_names(good)
     dup = copy.deepcopy(good)
     dup["runs"].append(copy.deepcopy(dup["runs"][0]))
-    with pytest.raises(R.SchemaError, match=r"duplicate run\(s\): cnn fp32 seed 0 \(each run must appear once\)"):
-        R.check_names(dup)
+    with pytest.raises(SC.SchemaError, match=r"duplicate run\(s\): cnn fp32 seed 0 \(each run must appear once\)"):
+        SC.check_names(dup)
     unknown = copy.deepcopy(good)
     unknown["config"]["tasks"] = ["cnn", "mnist"]
-    with pytest.raises(R.SchemaError, match=r"unknown task\(s\) 'mnist'"):
-        R.check_names(unknown)
+    with pytest.raises(SC.SchemaError, match=r"unknown task\(s\) 'mnist'"):
+        SC.check_names(unknown)
 
 
 def test_resume_refuses_duplicate_runs_in_one_line(

@@ -13,7 +13,7 @@ import torch
 from lossscale.cli import study as cli_study
 from lossscale.study import data as D
 from lossscale.study import ledger as L
-from lossscale.study import report as R
+from lossscale.study import schema as SC
 from lossscale.study import sweeps as SW
 from lossscale.study import tasks as TK
 from lossscale.study.runner import RunSpec, run_one
@@ -79,7 +79,7 @@ def test_label_noise_and_batch_sweeps_tiny_cli(tmp_path: pytest.TempPathFactory)
     # The configurations the ledger's rows need (every SWEEP_CONFIGS by default; --configs narrows a sweep).
     assert _main(["--sweep", "label-noise", "--configs", "bf16-mixed:none,bf16-mixed:dynamic", *base]) == 0
     assert _main(["--sweep", "batch", "--configs", "fp16-mixed:none,fp16-mixed:dynamic", *base]) == 0
-    doc = R.load_results(os.path.join(out, "results.json"))
+    doc = SC.load_results(os.path.join(out, "results.json"))
     ln = doc["sweeps"]["label-noise"]["runs"]
     assert sorted({r["sweep_value"] for r in ln}) == [0.0, 0.2, 0.4]
     assert len(ln) == 3 * 2 and {r["config"] for r in ln} == {"bf16-mixed:none", "bf16-mixed:dynamic"}

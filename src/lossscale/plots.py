@@ -7,6 +7,9 @@
   (modules x format and gradient kind), folded by module-name prefix past 60 rows so that a 400-layer model
   stays readable; :func:`top_layers_plot`: the layers closest to underflow and to overflow, per format.
 * :func:`scale_trajectory`: the loss scale of a monitored run with the skipped steps marked.
+* :func:`study_loss_figure`, :func:`study_scale_figure`, :func:`study_gradient_figure`: a case study's loss
+  curves, loss-scale trajectories and gradient exponents against the format windows, per task
+  (:mod:`lossscale.study.report` writes them).
 
 Figures are drawn on a ``matplotlib.figure.Figure`` with an Agg canvas, never through pyplot, so plotting
 changes no global matplotlib state (the user's backend stays as it is).
@@ -17,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import statistics
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,6 +52,9 @@ __all__ = [
     "scale_trajectory",
     "trajectory_points",
     "save_all",
+    "study_loss_figure",
+    "study_scale_figure",
+    "study_gradient_figure",
 ]
 
 PathLike = str | os.PathLike[str]
@@ -501,3 +508,105 @@ def save_all(d: Diagnosis, out_dir: PathLike, stats: MonitorStats | None = None)
     if stats is not None and stats.scales.size and not np.all(np.isnan(stats.scales)):
         paths.append(scale_trajectory(stats, out / "scale_trajectory.png"))
     return paths
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Case-study figures (from a study's results document, lossscale.study.schema)
+
+_STUDY_WINDOWS: tuple[tuple[str, str], ...] = (("bf16", "tab:blue"), ("fp16", "tab:orange"), ("e5m2", "tab:red"))
+
+
+def _study_runs(doc: Mapping[str, Any], task: str) -> tuple[list[Mapping[str, Any]], list[str]]:
+    from .study.configs import CONFIG_NAMES
+
+    runs = [r for r in doc["runs"] if r["task"] == task]
+    order = {c: i for i, c in enumerate(CONFIG_NAMES)}
+    return runs, sorted({r["config"] for r in runs}, key=lambda c: order.get(c, 99))
+
+
+def _tab20(i: int) -> Any:
+    import matplotlib
+
+    return matplotlib.colormaps["tab20"](i % 20)
+
+
+def study_loss_figure(doc: Mapping[str, Any], task: str) -> Figure:
+    """A study task's training-loss curves, one per configuration (mean over seeds, moving average)."""
+    runs, configs = _study_runs(doc, task)
+    fig = new_figure(8, 4.5)
+    ax = fig.subplots()
+    for i, cfg in enumerate(configs):
+        curves = [r["loss_curve"] for r in runs if r["config"] == cfg]
+        n = min(len(c) for c in curves)
+        ys = []
+        for t in range(n):
+            vals = [c[t] for c in curves]
+            ys.append(math.nan if any(v is None for v in vals) else statistics.fmean(vals))
+        w = max(1, n // 30)
+        sm = []
+        for t in range(n):
+            window = ys[max(0, t - w + 1) : t + 1]
+            sm.append(math.nan if any(math.isnan(v) for v in window) else statistics.fmean(window))
+        style = "-" if cfg.endswith(("dynamic", "kahan")) or cfg == "fp32" else "--" if cfg.endswith("none") else ":"
+        ax.plot(range(n), sm, style, color=_tab20(i), label=cfg, lw=1.5 if cfg == "fp32" else 1.0)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (moving average)")
+    ax.set_title(f"{task}: loss curves per configuration")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def study_scale_figure(doc: Mapping[str, Any], task: str) -> Figure:
+    """A study task's loss-scale trajectories (log2, lowest seed per scaled configuration), skipped steps x."""
+    runs, configs = _study_runs(doc, task)
+    fig = new_figure(8, 4)
+    ax = fig.subplots()
+    any_scaled = False
+    for i, cfg in enumerate(configs):
+        rs = [r for r in runs if r["config"] == cfg and r["scaling"] != "none"]
+        if not rs:
+            continue
+        any_scaled = True
+        r = min(rs, key=lambda r: r["seed"])
+        traj = [math.log2(s) if s > 0 else math.nan for s in r["scale_trajectory"]]
+        ax.step(range(len(traj)), traj, where="post", color=_tab20(i), label=f"{cfg} (seed {r['seed']})")
+        sk = [s for s in r["skipped_at"] if s < len(traj)]
+        if sk:
+            ax.scatter(sk, [traj[s] for s in sk], marker="x", color=_tab20(i), s=25, zorder=3)
+    ax.set_xlabel("step (x: skipped step)")
+    ax.set_ylabel("log2(loss scale)")
+    ax.set_title(f"{task}: loss-scale trajectory" + ("" if any_scaled else " (no scaled configuration run)"))
+    if any_scaled:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def study_gradient_figure(doc: Mapping[str, Any], task: str) -> Figure:
+    """A study task's FP32 activation-gradient exponent histogram against the BF16, FP16 and E5M2 windows."""
+    runs, _ = _study_runs(doc, task)
+    fig = new_figure(8, 4)
+    ax = fig.subplots()
+    ref = [r for r in runs if r["config"] == "fp32"] or runs
+    h = min(ref, key=lambda r: r["seed"])["grad_exponent_histogram"]
+    counts = h["counts"]
+    total = float(sum(counts)) or 1.0
+    xs = [h["min_log2"] + i for i in range(len(counts))]
+    ax.bar(xs, [c / total for c in counts], width=1.0, color="0.35", label=f"{ref[0]['config']} activation gradients")
+    for k, (name, color) in enumerate(_STUDY_WINDOWS):
+        f = FloatFormat.parse(name)
+        lo_sub, lo_norm, hi = math.log2(f.min_subnormal), math.log2(f.min_normal), math.log2(f.max)
+        ax.axvspan(lo_norm, hi, ymin=0.9 - 0.07 * k, ymax=0.96 - 0.07 * k, color=color, alpha=0.6,
+                   label=f"{name} normal [2^{lo_norm:.0f}, 2^{hi:.0f}]")
+        ax.axvspan(lo_sub, lo_norm, ymin=0.9 - 0.07 * k, ymax=0.96 - 0.07 * k, color=color, alpha=0.2)
+        ax.axvline(lo_sub - 1, color=color, ls=":", lw=0.8)
+    if xs:
+        ax.set_xlim(min(xs[0], -30) - 2, max(xs[-1], 17) + 2)
+    ax.set_xlabel("ceil(log2 |gradient|)   (light: subnormal range; dotted: rounds to zero below)")
+    ax.set_ylabel("fraction of nonzero gradients")
+    ax.set_title(f"{task}: gradient exponents vs format windows (scale 1)")
+    ax.legend(fontsize=7, loc="center left")
+    fig.tight_layout()
+    return fig

@@ -5,12 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import sys
 import time
-from collections.abc import Sequence
 from typing import Any
 
-from . import CLIError, describe, prepare_out_dir
+from . import CLIError, prepare_out_dir
 
 # Refused up front: more seeds than any study could run, seeds beyond what every seeded generator takes, more
 # worker processes than a machine can usefully hold.
@@ -116,7 +114,7 @@ def _check_device(device: str) -> str:
 def _run(args: argparse.Namespace) -> int:
     try:
         from ..study import configs as C
-        from ..study import files as RF
+        from ..study import session as S
         from ..study.tasks import TASK_NAMES, TASKS
     except ImportError as err:  # sklearn / num2words / sacrebleu missing
         raise CLIError(f"the study needs the 'study' extra: pip install 'lossscale[study]' ({err})") from None
@@ -134,197 +132,57 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise CLIError(str(err)) from None
     seeds = _parse_seeds(args.seeds, mode)
-    workers = args.workers if args.workers is not None else (2 if (os.cpu_count() or 1) >= 2 else 1)
-    if not 1 <= workers <= MAX_WORKERS:
-        raise CLIError(f"--workers must be between 1 and {MAX_WORKERS}, got {workers}")
     device = _check_device(args.device)
-    if device.startswith("cuda"):
-        workers = 1  # one process owns the GPU
+    workers = _workers(args.workers, device)
     out = prepare_out_dir(args.out)
-    # One study per output folder: held until this process ends, released by the OS if it is killed.
-    lock = RF.OutputLock(out)
-    try:
-        lock.acquire()
-    except RF.LockHeldError as err:
-        raise CLIError(str(err)) from None
-    except OSError as err:
-        raise CLIError(f"--out {out}: cannot lock it ({describe(err)})") from None
-    try:
-        if lock.stale_pid is not None:
-            print(f"note: {out} was locked by process {lock.stale_pid}, which is gone; taking it over",
-                  file=sys.stderr, flush=True)
-        return _run_locked(args, mode, tasks, configs, seeds, workers, device, out)
-    finally:
-        lock.release()
-
-
-def _run_locked(
-    args: argparse.Namespace, mode: str, tasks: list[str], configs: Sequence[Any], seeds: list[int], workers: int,
-    device: str, out: str,
-) -> int:
-    from ..study import report as R
-    from ..study import runner as RN
-    from ..study.tasks import TASKS
-
-    threads = 1
-    results_path = os.path.join(out, "results.json")
-    done: list[dict[str, Any]] = []
-    if os.path.exists(results_path):
-        if not args.resume:
-            raise CLIError(f"{results_path} exists: pass --resume to continue it, or choose another --out")
-        try:
-            old = R.load_results(results_path)
-        except (ValueError, OSError) as err:
-            raise CLIError(f"cannot resume from {results_path}: {describe(err)}") from None
-        if old["config"]["mode"] != mode:
-            raise CLIError(
-                f"{results_path} holds a {old['config']['mode']}-mode study; resume it with the same mode"
-            )
-        done = list(old["runs"])
-
-    specs = RN.plan_runs(tasks, configs, seeds, mode=mode, device=device)
-    wanted = {s.key for s in specs}
-    kept = [r for r in done if (r["task"], r["config"], int(r["seed"])) in wanted]
-    # Runs of the old file outside this selection are kept too, so resuming with a narrower selection loses
-    # nothing; the report covers what the file holds.
-    extra = [r for r in done if (r["task"], r["config"], int(r["seed"])) not in wanted]
-    all_tasks = list(dict.fromkeys(tasks + [r["task"] for r in extra]))
-    all_configs = list(dict.fromkeys([c.name for c in configs] + [r["config"] for r in extra]))
-    all_seeds = sorted(set(seeds) | {int(r["seed"]) for r in extra})
-
-    doc: dict[str, Any] = {
-        "schema_version": R.SCHEMA_VERSION,
-        "created": R.now_iso(),
-        "command": _command_line(args, mode),
-        "config": {
-            "mode": mode,
-            "tasks": all_tasks,
-            "configs": all_configs,
-            "seeds": all_seeds,
-            "device": device,
-            "workers": workers,
-            "threads": threads,
-            "task_details": {
-                t: {
-                    "description": TASKS[t].description,
-                    "metric_name": TASKS[t].metric_name,
-                    "chance": TASKS[t].chance,
-                    "recipe": TASKS[t].recipe.describe(),
-                    "budget": TASKS[t].budget(mode).to_dict(),
-                    "dynamic_scaling": {
-                        "init_scale": RN.DYNAMIC_INIT_SCALE, "growth_factor": 2.0, "backoff_factor": 0.5,
-                        "growth_interval": RN.dynamic_growth_interval(TASKS[t].budget(mode).steps),
-                    },
-                    "data": None,
-                }
-                for t in all_tasks
-            },
-            "monitor_formats": list(RN.MONITOR_FORMATS),
-        },
-        "environment": RN.environment(device, threads, workers),
-        "runs": [],
-    }
-
-    def save(records: list[dict[str, Any]]) -> None:
-        doc["runs"] = records
-        for r in records:
-            doc["config"]["task_details"][r["task"]]["data"] = r.get("data")
-        R.write_results(results_path, doc)
-
-    records: list[dict[str, Any]] = list(done)
-    n_todo = sum(1 for s in specs if s.key not in {(r["task"], r["config"], int(r["seed"])) for r in done})
-    print(
-        f"lossscale study ({mode}): {len(tasks)} task(s) x {len(configs)} configuration(s) x {len(seeds)} seed(s); "
-        f"{n_todo} run(s) to do, {len(kept)} already done; {workers} worker(s); output in {out}",
-        flush=True,
-    )
     t0 = time.perf_counter()
-
-    def on_record(rec: dict[str, Any]) -> None:
-        records.append(rec)
-        save(records)
-
     try:
-        RN.run_study(specs, workers=workers, threads=threads, done=done, on_record=on_record,
-                     progress=not args.no_progress)
-    finally:
-        if records:
-            save(records)
-    save(records)
-    try:
-        paths = R.write_report(doc, out)
-    except (ValueError, OSError) as err:
-        raise CLIError(f"cannot write the report into {out}: {describe(err)}") from None
+        doc, paths = S.run_in(
+            out, mode=mode, tasks=tasks, configs=configs, seeds=seeds, device=device, workers=workers,
+            resume=args.resume, command=_command_line(args, mode), progress=not args.no_progress,
+            log=lambda text: print(text, flush=True),
+        )
+    except S.StudyError as err:
+        raise CLIError(str(err)) from None
     _print_summary(doc)
-    print(f"\n{len(records)} run(s) in {time.perf_counter() - t0:.0f} s. Results: {results_path}")
+    print(f"\n{len(doc['runs'])} run(s) in {time.perf_counter() - t0:.0f} s. "
+          f"Results: {os.path.join(out, 'results.json')}")
     print(f"Report: {paths['md']} (HTML: {paths['html']})")
     return 0
 
 
+def _workers(requested: int | None, device: str) -> int:
+    """--workers, checked; the default is 2 with 2+ CPUs, else 1; one process owns a GPU."""
+    workers = requested if requested is not None else (2 if (os.cpu_count() or 1) >= 2 else 1)
+    if not 1 <= workers <= MAX_WORKERS:
+        raise CLIError(f"--workers must be between 1 and {MAX_WORKERS}, got {workers}")
+    return 1 if device.startswith("cuda") else workers
+
+
 def _run_sweep(args: argparse.Namespace) -> int:
-    """``lossscale study --sweep NAME``: run the sweep's runs not yet in OUT/results.json (a study there is
-    kept; without one, a document holding only the sweep is written), then rewrite the report."""
-    from ..study import report as R
-    from ..study import runner as RN
-    from ..study import sweeps as SW
+    """``lossscale study --sweep NAME``: the sweep's runs not yet in OUT/results.json (a study there is
+    kept), then the report (:func:`lossscale.study.session.sweep_in`)."""
+    from ..study import configs as C
+    from ..study import session as S
 
     mode = args.mode or "quick"
     seeds = _parse_seeds(args.seeds, "quick" if args.seeds is None else mode)
-    workers = args.workers if args.workers is not None else (2 if (os.cpu_count() or 1) >= 2 else 1)
-    if workers < 1:
-        raise CLIError(f"--workers must be >= 1, got {workers}")
-    device = args.device
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise CLIError(f"--device {device}: CUDA is not available here")
-        workers = 1
-    os.makedirs(args.out, exist_ok=True)
-    results_path = os.path.join(args.out, "results.json")
-    if os.path.exists(results_path):
-        try:
-            doc = R.load_results(results_path)
-        except (ValueError, OSError) as err:
-            raise CLIError(f"cannot add a sweep to {results_path}: {err}") from None
-    else:
-        doc = {
-            "schema_version": R.SCHEMA_VERSION, "created": R.now_iso(), "command": "lossscale study --sweep",
-            "config": {"mode": mode, "tasks": [], "configs": [], "seeds": seeds, "device": device,
-                       "workers": workers, "threads": 1, "task_details": {}},
-            "environment": RN.environment(device, 1, workers), "runs": [],
-        }
-    sweep = SW.SWEEPS[args.sweep]
-    entry = doc.setdefault("sweeps", {}).setdefault(args.sweep, {"runs": []})
-    entry.update({"override": sweep.override, "values": list(sweep.values), "tasks": list(sweep.tasks),
-                  "mode": mode, "command": f"lossscale study --sweep {args.sweep} --out {shlex.quote(args.out)}"})
-    have = {SW.record_key(r) for r in entry["runs"] if r.get("mode") == mode}
-    from ..study import configs as C
-
+    device = _check_device(args.device)
+    workers = _workers(args.workers, device)
     try:
-        configs = [c.name for c in C.parse_configs(args.configs)] if args.configs else list(sweep.configs)
+        configs = [c.name for c in C.parse_configs(args.configs)] if args.configs else None
     except ValueError as err:
         raise CLIError(str(err)) from None
-    tasks = sweep.tasks if args.tasks is None else tuple(t.strip() for t in args.tasks.split(",") if t.strip())
-    if not tasks or any(t not in sweep.tasks for t in tasks):
-        raise CLIError(f"--tasks for sweep {args.sweep} must be among {', '.join(sweep.tasks)}, got {args.tasks!r}")
-    specs = [
-        s for s in SW.plan_sweep(args.sweep, seeds, mode=mode, device=device, configs=configs, tasks=tasks)
-        if SW.spec_key(s) not in have
-    ]
-    print(f"lossscale study --sweep {args.sweep} ({mode} budgets): {len(specs)} run(s) to do, {len(have)} done; "
-          f"{workers} worker(s); output in {args.out}", flush=True)
+    tasks = None if args.tasks is None else tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    out = prepare_out_dir(args.out)
     t0 = time.perf_counter()
-
-    def on_record(rec: dict[str, Any]) -> None:
-        rec["sweep_value"] = rec["overrides"][sweep.override]
-        entry["runs"].append(rec)
-        R.write_results(results_path, doc)
-
-    RN.run_study(specs, workers=workers, threads=1, on_record=on_record, progress=not args.no_progress)
-    R.write_results(results_path, doc)
-    paths = R.write_report(doc, args.out)
-    print(f"sweep {args.sweep}: {len(specs)} run(s) in {time.perf_counter() - t0:.0f} s. Report: {paths['md']}")
+    try:
+        _, paths, n = S.sweep_in(out, args.sweep, mode=mode, seeds=seeds, device=device, workers=workers,
+                                 configs=configs, tasks=tasks, progress=not args.no_progress,
+                                 log=lambda text: print(text, flush=True))
+    except S.StudyError as err:
+        raise CLIError(str(err)) from None
+    print(f"sweep {args.sweep}: {n} run(s) in {time.perf_counter() - t0:.0f} s. Report: {paths['md']}")
     return 0
 
 

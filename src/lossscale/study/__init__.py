@@ -9,7 +9,10 @@ A subpackage imported on demand (``import lossscale.study``), since its data nee
 - :mod:`~lossscale.study.tasks`: the four tasks, their recipes and budgets, :func:`example`;
 - :mod:`~lossscale.study.configs`: ``PRECISION:VARIANT`` configuration names;
 - :mod:`~lossscale.study.runner`: one run, many runs (workers, resume);
-- :mod:`~lossscale.study.report`: results.json and its schema, report.md/report.html, plots, findings.
+- :mod:`~lossscale.study.schema`: results.json, its JSON Schema and validator, atomic reading and writing;
+- :mod:`~lossscale.study.analysis`: the seeds combined per configuration, and the findings of the report;
+- :mod:`~lossscale.study.report`: report.md/report.html (tables, and the figures of :mod:`lossscale.plots`);
+- :mod:`~lossscale.study.session`: a study's lifecycle in its output folder (start, resume, merge, sweeps);
 - :mod:`~lossscale.study.lm`: the language-model tasks' text (the standard library's docstrings), GPT-style
   decoder and LSTM language model;
 - :mod:`~lossscale.study.ledger`: the claims ledger (each claim of the article, its measurement, a verdict);
@@ -20,7 +23,9 @@ A subpackage imported on demand (``import lossscale.study``), since its data nee
 from __future__ import annotations
 
 from .configs import CONFIG_NAMES, QUICK_CONFIG_NAMES, StudyConfig, parse_configs
-from .report import RESULTS_SCHEMA, SCHEMA_VERSION, SchemaError, findings, summarise, validate, write_report
+from .analysis import findings, summarise
+from .report import write_report
+from .schema import RESULTS_SCHEMA, SCHEMA_VERSION, SchemaError, load_results, validate, write_results
 from .runner import RunSpec, plan_runs, run_one, run_study
 from .tasks import TASK_NAMES, TASKS, build, example
 
@@ -41,6 +46,8 @@ __all__ = [
     "SCHEMA_VERSION",
     "SchemaError",
     "validate",
+    "load_results",
+    "write_results",
     "summarise",
     "findings",
     "write_report",

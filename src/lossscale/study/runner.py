@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..scaling import DynamicScaling, NoScaling, StaticScaling, config_to_dict
 from .configs import StudyConfig
 from .tasks import TASKS, budget_for, build, lr_multiplier
 
@@ -54,6 +55,7 @@ __all__ = [
     "is_activation_grad_site",
     "MONITOR_FORMATS",
     "dynamic_growth_interval",
+    "dynamic_scaling",
 ]
 
 # Formats the monitor judges gradients against (FP32 runs: "what would underflow in bf16/fp16/e5m2").
@@ -82,6 +84,13 @@ DYNAMIC_INIT_SCALE = 2.0**16
 def dynamic_growth_interval(steps: int) -> int:
     """Growth interval for a run of ``steps`` steps: steps // 10 clamped to [10, 2000] (torch: 2000)."""
     return max(10, min(2000, steps // 10))
+
+
+def dynamic_scaling(steps: int) -> DynamicScaling:
+    """The dynamic scaling rule of a ``:dynamic`` run of ``steps`` steps: torch's defaults but the growth
+    interval (:func:`dynamic_growth_interval`). Runs and results.json both describe it with
+    :func:`lossscale.scaling.config_to_dict`."""
+    return DynamicScaling(init_scale=DYNAMIC_INIT_SCALE, growth_interval=dynamic_growth_interval(steps))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,13 +260,14 @@ def _monitor_fractions(stats: Any) -> tuple[dict[str, float | None], dict[str, f
 
 
 def run_one(spec: RunSpec, *, on_step: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Train one run and return its record (a JSON-ready dict, see :mod:`lossscale.study.report`).
+    """Train one run and return its record (a JSON-ready dict, see :mod:`lossscale.study.schema`).
 
     Deterministic on CPU for a fixed seed and thread count. Syncs freely (this is the study's loop, not a
     library per-step path), but only once per step beyond what the scaler does (to record the loss curve).
     """
     from .. import LayerwiseScaler, LossScaler
     from ..emulate import RecipeState, RoundingCounters, autocast, low_precision_weights
+    from ..precision import Precision
     from ..monitor import GradientMonitor
 
     t0 = time.perf_counter()
@@ -282,7 +292,6 @@ def run_one(spec: RunSpec, *, on_step: Callable[[int, int], None] | None = None)
     opt, opt_name, opt_desc = _make_optimizer(model, spec.task, config, spec.seed)
     base_lrs = [g["lr"] for g in opt.param_groups]
 
-    growth_interval = dynamic_growth_interval(steps)
     skipped_at: list[int] = []
 
     def on_skip(ev: Any) -> None:
@@ -290,21 +299,18 @@ def run_one(spec: RunSpec, *, on_step: Callable[[int, int], None] | None = None)
 
     scaler: LossScaler | LayerwiseScaler
     if config.scaling == "dynamic":
-        scaler = LossScaler(init_scale=DYNAMIC_INIT_SCALE, growth_interval=growth_interval, on_skip=on_skip)
-        scaler_desc: dict[str, Any] = {
-            "kind": "dynamic", "init_scale": DYNAMIC_INIT_SCALE, "growth_factor": 2.0, "backoff_factor": 0.5,
-            "growth_interval": growth_interval, "hysteresis": 1,
-        }
+        scaler = LossScaler.from_config(dynamic_scaling(steps), on_skip=on_skip)
+        scaler_desc: dict[str, Any] = config_to_dict(scaler.config)
     elif config.scaling == "layerwise":
         assert config.grad_format is not None
         scaler = LayerwiseScaler(model, grad_format=config.grad_format, on_skip=on_skip)
         scaler_desc = {"kind": "layerwise", "mode": "adaptive", "grad_format": config.grad_format, "loss_scale": 1.0}
     elif config.scaling == "static":
-        scaler = LossScaler(init_scale=init_scale, dynamic=False, on_skip=on_skip)
-        scaler_desc = {"kind": "static", "scale": init_scale, "chosen_by": "lossscale.diagnose", **(static_info or {})}
+        scaler = LossScaler.from_config(StaticScaling(init_scale=init_scale), on_skip=on_skip)
+        scaler_desc = {**config_to_dict(scaler.config), "chosen_by": "lossscale.diagnose", **(static_info or {})}
     else:
-        scaler = LossScaler(enabled=False)
-        scaler_desc = {"kind": "none"}
+        scaler = LossScaler.from_config(NoScaling())
+        scaler_desc = config_to_dict(scaler.config)
 
     device_type = torch.device(device).type
     # Native torch.autocast where the device has fast kernels for the precision (CUDA BF16/FP16 mixed),
@@ -313,8 +319,12 @@ def run_one(spec: RunSpec, *, on_step: Callable[[int, int], None] | None = None)
     # Scaling recipes (fp8-delayed, mxfp8, ...) keep per-site state (delayed-scaling histories) across steps.
     recipe_state = RecipeState()
     native = config.precision != "fp32" and not autocast(
-        config.precision, device_type=device_type, recipe_state=recipe_state
+        config.precision, device_type=device_type, recipe_state=recipe_state, model=model
     ).emulated
+    # Delayed scaling keeps one amax history per layer (Transformer Engine's rule), which needs the sites named
+    # by module (model=); other precisions keep no per-site state, so they skip the naming hooks.
+    recipe = Precision.parse(config.precision).recipe if config.precision != "fp32" else None
+    site_model = model if recipe is not None and recipe.kind == "delayed" else None
     counters = None if config.precision == "fp32" or native else RoundingCounters()
     every = max(1, steps // 20)
     monitor = GradientMonitor(
@@ -334,13 +344,15 @@ def run_one(spec: RunSpec, *, on_step: Callable[[int, int], None] | None = None)
         # steps only (the fractions are element-weighted over those steps).
         count = counters if step % every == 0 else None
         return autocast(
-            config.precision, counters=count, emulate=not native, device_type=device_type, recipe_state=recipe_state
+            config.precision, counters=count, emulate=not native, device_type=device_type, recipe_state=recipe_state,
+            model=site_model,
         )
 
     def eval_ctx() -> contextlib.AbstractContextManager[Any]:
         if config.precision == "fp32":
             return contextlib.nullcontext()
-        return autocast(config.precision, emulate=not native, device_type=device_type, recipe_state=recipe_state)
+        return autocast(config.precision, emulate=not native, device_type=device_type, recipe_state=recipe_state,
+                        model=site_model)
 
     params = [p for g in opt.param_groups for p in g["params"]]
     clip = task.recipe.clip_norm

@@ -21,14 +21,16 @@ and one plot per sweep; the claims ledger reads them.
 from __future__ import annotations
 
 import dataclasses
-import os
 import statistics
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .runner import RunSpec
 
-__all__ = ["Sweep", "SWEEPS", "SWEEP_CONFIGS", "plan_sweep", "sweep_table", "sweep_plot", "SWEEP_TABLE_HEADER"]
+if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.figure import Figure
+
+__all__ = ["Sweep", "SWEEPS", "SWEEP_CONFIGS", "plan_sweep", "sweep_table", "sweep_figure", "SWEEP_TABLE_HEADER"]
 
 SWEEP_CONFIGS: tuple[str, ...] = (
     "fp32", "bf16-mixed:none", "bf16-mixed:dynamic", "fp16-mixed:none", "fp16-mixed:dynamic",
@@ -129,9 +131,9 @@ def sweep_table(runs: Sequence[Mapping[str, Any]], fmt_metric: Callable[[str, fl
     return rows
 
 
-def sweep_plot(name: str, runs: Sequence[Mapping[str, Any]], outdir: str) -> str:
-    """``sweep_<name>.png``: the metric (left) and the gradient-format underflow (right) against the swept
-    value, one line per (task, configuration); returns the file name."""
+def sweep_figure(name: str, runs: Sequence[Mapping[str, Any]]) -> Figure:
+    """The metric (left) and the gradient-format underflow (right) against the swept value, one line per
+    (task, configuration); the report saves it as ``sweep_<name>.png``."""
     from ..plots import new_figure  # the Figure API: the user's pyplot state and backend stay untouched
 
     fig = new_figure(11, 4)
@@ -167,6 +169,4 @@ def sweep_plot(name: str, runs: Sequence[Mapping[str, Any]], outdir: str) -> str
     ax_m.legend(fontsize=6)
     ax_u.legend(fontsize=6)
     fig.tight_layout()
-    fname = f"sweep_{name}.png"
-    fig.savefig(os.path.join(outdir, fname), dpi=90)
-    return fname
+    return fig
