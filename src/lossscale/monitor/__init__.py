@@ -61,6 +61,7 @@ from torch import nn
 
 from .._optimizers import check_not_meta, unwrap_optimizer
 from ..formats import FloatFormat, FormatLike
+from . import _native
 from ._kernel import (
     HIST_MAX_LOG2,
     HIST_MIN_LOG2,
@@ -384,6 +385,7 @@ class GradientMonitor:
         self._pending_n = 0
         self._snap: list[tuple[list[tuple[int, torch.Tensor]], torch.Tensor]] = []
         self._snap_big: list[tuple[int, torch.Tensor]] = []
+        self._snap_native: list[tuple[int, torch.Tensor]] = []
         self._seg_cache: dict[tuple[torch.device, tuple[tuple[int, int], ...]], tuple[torch.Tensor, ...]] = {}
         self._records: collections.deque[tuple[int, torch.Tensor, torch.Tensor | None]] = collections.deque(
             maxlen=self.config.history
@@ -455,6 +457,11 @@ class GradientMonitor:
         return got[0], got[1], got[2]
 
     def _measure(self, pieces: Sequence[tuple[int, torch.Tensor]]) -> None:
+        if pieces and self._native_ok(t for _, t in pieces):
+            lib = _native.library()
+            if lib is not None:  # the fused CPU kernel: every piece in place, no packing copy
+                self._raw_on(torch.device("cpu")).add_native(lib, pieces)
+                return
         for chunk in _pack(pieces):
             dev = chunk[0][1].device
             flat = chunk[0][1] if len(chunk) == 1 else torch.cat([t.float() for _, t in chunk])
@@ -520,10 +527,26 @@ class GradientMonitor:
             if id(p) in self._param_index
         ]
 
+    def _native_ok(self, tensors: Iterable[torch.Tensor]) -> bool:
+        """Whether these tensors (and this step's accumulators) are on the CPU, where the fused kernel runs."""
+        if self._raw is not None and self._raw.counts.device.type != "cpu":
+            return False
+        return all(t.device.type == "cpu" for t in tensors)
+
     def _opt_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if not self.sampling:
             return
         pieces = self._swamp_pieces(optimizer)
+        if (
+            pieces and _native.native_formats(self.config.formats) and self._native_ok(t for _, t in pieces)
+            and _native.library() is not None
+        ):
+            # The fused CPU kernel compares each parameter in place after the step: a contiguous FP32 copy now.
+            self._snap_native = [
+                (idx, t.float() if t.dtype != torch.float32 else t.clone(memory_format=torch.contiguous_format))
+                for idx, t in pieces
+            ]
+            return
         # Large parameters are compared one by one (no packing copy); the small ones packed into chunks.
         self._snap_big = [(idx, t.float() if t.dtype != torch.float32 else t.clone()) for idx, t in pieces
                           if t.numel() >= _DIRECT]  # fmt: skip
@@ -541,6 +564,21 @@ class GradientMonitor:
             self._swamp[row] += counts
 
     def _opt_post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self.sampling and self._snap_native:
+            lib = _native.library()
+            assert lib is not None  # checked before the step
+            now = self._swamp_pieces(optimizer)
+            olds = [t for _, t in self._snap_native]
+            news = [t if _native.usable(t) else t.float().contiguous() for _, t in now]
+            if [i for i, _ in now] != [i for i, _ in self._snap_native] or any(
+                a.numel() != b.numel() for a, b in zip(olds, news, strict=True)
+            ):
+                raise RuntimeError("GradientMonitor: the optimizer's parameters changed during its step()")
+            counts = torch.zeros(len(self.entries), 1 + len(self.formats), dtype=torch.int64)
+            _native.swamp(lib, olds, news, [i for i, _ in now], self.config.formats, counts)
+            self._swamp_add(None, counts.to(torch.float64))
+            self._snap_native = []
+            return
         if not self.sampling or not (self._snap or self._snap_big):
             return
         n_rows = len(self.entries)
@@ -564,6 +602,7 @@ class GradientMonitor:
         self._scale = None
         self._pending_w, self._pending_a, self._pending_n = {}, [], 0
         self._snap, self._snap_big = [], []
+        self._snap_native = []
 
     def step(self) -> None:
         """End the current training step (call after the optimizer step). Does not sync."""

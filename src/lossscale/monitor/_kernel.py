@@ -17,12 +17,14 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from ..formats import FP32, FloatFormat, FormatLike
 from ..quantize import quantize
+from . import _native
 
 # ceil(log2 |g|) over positive finite FP32 values, bin c holding 2^(c-1) < |g| <= 2^c, from the first normal
 # binade to 2^128 (> max = 2^128 - 2^104); the lowest bin, -126, also holds every FP32 subnormal (0, 2^-126).
@@ -196,6 +198,7 @@ class _Tables:
             for k, bits in enumerate(sorted(lst)):
                 luts[k][b] = bits
         self.luts = luts
+        self.lut_cpu = torch.tensor(luts, dtype=torch.int32) if luts else torch.zeros(0, dtype=torch.int32)
 
         def pos(v: float) -> int:
             """Key position p with #(|x| <= v) = cum[p]."""
@@ -279,6 +282,13 @@ class _Raw:
 
     def add(self, x: torch.Tensor, row: int, *, assign: bool = False) -> None:
         """Count the flat tensor ``x`` into ``row`` (``assign``: replace what the row held). No sync."""
+        if self.counts.device.type == "cpu" and x.device.type == "cpu" and (lib := _native.library()) is not None:
+            if assign:
+                self.counts[row].zero_()
+                self.mx[row] = 0
+                self.mn[row] = _SIGN_OFF
+            self.add_native(lib, [(row, x)])
+            return
         bits = _abs_bits(x)
         key, p = _keys(bits, self.tab)
         counts = _bincount(key, self.tab.stride)
@@ -300,6 +310,12 @@ class _Raw:
             torch.maximum(self.mx[row], mx, out=self.mx[row])
             torch.minimum(self.mn[row], mn, out=self.mn[row])
 
+    def add_native(self, lib: Any, pieces: Sequence[tuple[int, torch.Tensor]]) -> None:
+        """Count CPU tensors (row, flat tensor) with the fused kernel (:mod:`._native`): one pass per element,
+        no packing copy; bf16/fp16 convert exactly to FP32 first, fp64 is judged by its FP32 rounding."""
+        ready = [(row, t if _native.usable(t) else t.detach().float().contiguous()) for row, t in pieces]
+        _native.hist(lib, ready, self.tab.lut_cpu, self.tab.k, self.tab.stride, self.counts, self.mx, self.mn)
+
     def add_segments(
         self,
         x: torch.Tensor,
@@ -314,6 +330,12 @@ class _Raw:
         if seg is None:
             self.add(x, 0)
             return
+        if pieces is not None and self.counts.device.type == "cpu" and x.device.type == "cpu":
+            lib = _native.library()
+            if lib is not None:
+                rows = pieces[1].tolist()  # a CPU tensor: no device sync
+                self.add_native(lib, list(zip(rows, torch.split(x, list(pieces[0])), strict=True)))
+                return
         tab = self.tab
         dev = x.device
         bits = _abs_bits(x)
@@ -360,7 +382,9 @@ def _keys(bits: torch.Tensor, tab: _Tables) -> tuple[torch.Tensor, torch.Tensor]
     of ``edge - bits`` (both in [0, 2^31), so the difference cannot overflow), which keeps every pass in one
     dtype."""
     p = bits.sub(1)
-    b = p.bitwise_right_shift(23).add_(1)  # binade index, see above
+    # binade index, see above. (The operator form: torch 2.13's out-of-place ``Tensor.bitwise_right_shift(int)``
+    # runs a scalar loop on the CPU, 20-30x slower than ``>>`` or the in-place method; measured on 1.6M int32.)
+    b = (p >> 23).add_(1)
     # -1 where |x| is above the k-th edge of its binade, else 0 (all gathered before b is reused as the key)
     above = [lut.index_select(0, b).sub_(bits).bitwise_right_shift_(31) for lut in tab.on(bits.device)[2:]]
     # The key is stored edge-count-major, c * 257 + binade (a fused multiply-add, no multiplication pass);
@@ -465,7 +489,7 @@ def _swamping_counts(
     n_codes = 1 << (1 + len(formats))
     code = (new != old).to(torch.uint8)
     for i, f in enumerate(formats):
-        code.bitwise_or_(_round_eq(new, old, f).to(torch.uint8).bitwise_left_shift_(i + 1))
+        code.bitwise_or_(_round_eq(new, old, f).to(torch.uint8) << (i + 1))
     key = code.to(torch.int64)
     if seg is not None:
         key.add_(seg, alpha=n_codes)

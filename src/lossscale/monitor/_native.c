@@ -1,0 +1,156 @@
+/* The GradientMonitor's CPU kernels, fused: one pass per element where the tensor path
+ * (lossscale/monitor/_kernel.py) runs a dozen element-wise torch ops and a histogram.
+ *
+ * Written for lossscale; compiled on first use by lossscale/monitor/_native.py (plain C99, no
+ * Python or torch headers) and called through ctypes with the data pointers of contiguous FP32 CPU
+ * tensors. Both kernels give exactly the tensor path's counts (tests/test_monitor_native.py compares
+ * them bit for bit), so which one runs changes only the speed.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define NB_BINADES 257
+#define SIGN_OFF 0x7FFFFFFFu
+#define INF_BITS 0x7F800000u
+
+/* Histogram of keys, and extremes, of |x| over pieces of FP32 data (see _kernel._keys and _Raw):
+ *   binade b = ceil((bits) / 2^23) on the magnitude's bit pattern (0: zero; 1: up to 2^-126; 255 holds
+ *   inf; 256: NaN), c = #(edges inside binade b below |x|) from the lookup tables lut[k][b]
+ *   (K tables of 257 entries; 0x7FFFFFFF where binade b has no k-th edge), key = c * 257 + b.
+ * counts: int64 [n_rows, stride] row-major; mx[row]: max of min(bits, INF_BITS); mn[row]: min of
+ * (bits - 1) & 0x7FFFFFFF (the smallest nonzero |x| as bits - 1; INT32_MAX when none). Piece i holds
+ * lens[i] elements at ptrs[i] and belongs to row rows[i]. */
+void ls_hist(int64_t n_pieces, const uint32_t *const *ptrs, const int64_t *lens, const int64_t *rows,
+             const uint32_t *lut, int32_t k_tables, int64_t stride, int64_t *counts, uint32_t *mx, uint32_t *mn)
+{
+    for (int64_t piece = 0; piece < n_pieces; ++piece) {
+        const uint32_t *x = ptrs[piece];
+        const int64_t n = lens[piece];
+        const int64_t row = rows[piece];
+        int64_t *h = counts + row * stride;
+        uint32_t lmx = mx[row], lmn = mn[row];
+        if (k_tables == 0) {
+            for (int64_t i = 0; i < n; ++i) {
+                const uint32_t a = x[i] & SIGN_OFF;
+                const uint32_t b = (a + 0x7FFFFFu) >> 23;
+                h[b] += 1;
+                const uint32_t big = a < INF_BITS ? a : INF_BITS;
+                const uint32_t small = (a - 1u) & SIGN_OFF;
+                lmx = big > lmx ? big : lmx;
+                lmn = small < lmn ? small : lmn;
+            }
+        } else {
+            for (int64_t i = 0; i < n; ++i) {
+                const uint32_t a = x[i] & SIGN_OFF;
+                const uint32_t b = (a + 0x7FFFFFu) >> 23;
+                uint32_t c = 0;
+                for (int32_t k = 0; k < k_tables; ++k) c += a > lut[k * NB_BINADES + b];
+                h[c * NB_BINADES + b] += 1;
+                const uint32_t big = a < INF_BITS ? a : INF_BITS;
+                const uint32_t small = (a - 1u) & SIGN_OFF;
+                lmx = big > lmx ? big : lmx;
+                lmn = small < lmn ? small : lmn;
+            }
+        }
+        mx[row] = lmx;
+        mn[row] = lmn;
+    }
+}
+
+/* Round a finite or infinite FP32 value to nearest-even in an IEEE-style format with `m` stored mantissa
+ * bits (m < 23), normal range from min_normal = 2^emin up to maxv, subnormals, overflow to infinity: the
+ * arithmetic of torch's casts to bfloat16, float16 and float8_e5m2 and of lossscale.quantize for "ieee"
+ * formats with subnormals. NaN is handled by the caller. sub_magic = 2^(emin - m + 23). */
+static inline float round_ieee(float x, int m, float sub_magic, float min_normal, float maxv)
+{
+    const float a = fabsf(x);
+    float r;
+    if (a < min_normal) {
+        /* The subnormal range, multiples of q = 2^(emin - m): with sub_magic = q * 2^23 (a normal FP32
+         * number), a + sub_magic lies in [sub_magic, 2 * sub_magic), where FP32's spacing is q, so the
+         * addition rounds a to a multiple of q, half to even (the default rounding mode), and the
+         * subtraction is exact. (Strict IEEE arithmetic: this file is never built with -ffast-math.) */
+        r = (a + sub_magic) - sub_magic;
+    } else {
+        uint32_t bits;
+        memcpy(&bits, &a, sizeof bits);
+        const int drop = 23 - m;
+        const uint32_t lsb = (bits >> drop) & 1u;
+        bits += ((1u << (drop - 1)) - 1u) + lsb;
+        bits &= ~((1u << drop) - 1u);
+        memcpy(&r, &bits, sizeof r);
+        if (r > maxv) r = INFINITY;
+    }
+    return copysignf(r, x);
+}
+
+/* Round the magnitude bit pattern a (finite or inf, a <= INF_BITS) as round_ieee does, branch-free (so that
+ * the compiler can vectorise the loop below): both the subnormal-range and the normal-range results are
+ * computed and one is selected. Returns the bit pattern of the rounded magnitude. */
+static inline uint32_t round_mag_bits(uint32_t a, uint32_t drop, uint32_t min_normal_bits, uint32_t max_bits,
+                                      float sub_magic)
+{
+    float fa, fs;
+    memcpy(&fa, &a, sizeof fa);
+    fs = (fa + sub_magic) - sub_magic;
+    uint32_t sub;
+    memcpy(&sub, &fs, sizeof sub);
+    uint32_t norm = (a + ((1u << (drop - 1)) - 1u) + ((a >> drop) & 1u)) & ~((1u << drop) - 1u);
+    const uint32_t over = 0u - (uint32_t)(norm > max_bits); /* all ones where the rounding overflows */
+    norm = (INF_BITS & over) | (norm & ~over);
+    const uint32_t low = 0u - (uint32_t)(a < min_normal_bits);
+    return (sub & low) | (norm & ~low);
+}
+
+/* Swamping counts (see _kernel._swamping_counts): per element of old/new FP32 weights, updated when
+ * new != old, and swamped in format f when also round_f(new) == round_f(old) (floating-point compares:
+ * NaN never equal, -0 == +0). Format f: mant[f] stored mantissa bits, sub_magic[f], min_normal[f], maxv[f].
+ * out: int64 [n_rows, 1 + n_formats] row-major, added to. */
+void ls_swamp(int64_t n_pieces, const uint32_t *const *olds, const uint32_t *const *news, const int64_t *lens,
+              const int64_t *rows, int32_t n_formats, const int32_t *mant, const float *sub_magic,
+              const float *min_normal, const float *maxv, int64_t *out)
+{
+    for (int64_t piece = 0; piece < n_pieces; ++piece) {
+        const uint32_t *o = olds[piece];
+        const uint32_t *w = news[piece];
+        const int64_t n = lens[piece];
+        int64_t *acc = out + rows[piece] * (1 + n_formats);
+        /* Bitwise &, | rather than &&, || throughout: no branches, so that the loops vectorise. */
+        int64_t updated = 0;
+        for (int64_t i = 0; i < n; ++i) {
+            const uint32_t x = o[i], y = w[i];
+            const uint32_t a = x & SIGN_OFF, b = y & SIGN_OFF;
+            const uint32_t nan_free = (uint32_t)(a <= INF_BITS) & (uint32_t)(b <= INF_BITS);
+            const uint32_t equal = (uint32_t)(x == y) | (uint32_t)((a | b) == 0);
+            updated += (equal & nan_free) ^ 1u;
+        }
+        acc[0] += updated;
+        for (int32_t f = 0; f < n_formats; ++f) {
+            const uint32_t drop = 23u - (uint32_t)mant[f];
+            uint32_t min_normal_bits, max_bits;
+            memcpy(&min_normal_bits, &min_normal[f], sizeof min_normal_bits);
+            memcpy(&max_bits, &maxv[f], sizeof max_bits);
+            const float magic = sub_magic[f];
+            int64_t swamped = 0;
+            for (int64_t i = 0; i < n; ++i) {
+                const uint32_t x = o[i], y = w[i];
+                const uint32_t a = x & SIGN_OFF, b = y & SIGN_OFF;
+                const uint32_t nan_free = (uint32_t)(a <= INF_BITS) & (uint32_t)(b <= INF_BITS);
+                const uint32_t changed = ((uint32_t)(x == y) | (uint32_t)((a | b) == 0)) ^ 1u;
+                const uint32_t ra = round_mag_bits(a, drop, min_normal_bits, max_bits, magic);
+                const uint32_t rb = round_mag_bits(b, drop, min_normal_bits, max_bits, magic);
+                const uint32_t equal = ((uint32_t)(ra == rb) & (uint32_t)(((x ^ y) >> 31) == 0)) |
+                                       (uint32_t)((ra | rb) == 0);
+                swamped += changed & equal & nan_free;
+            }
+            acc[1 + f] += swamped;
+        }
+    }
+}
+
+/* For the tests: round n values with one format's parameters (NaN stays NaN). */
+void ls_round_ieee(const float *x, float *y, int64_t n, int32_t m, float sub_magic, float min_normal, float maxv)
+{
+    for (int64_t i = 0; i < n; ++i) y[i] = isnan(x[i]) ? x[i] : round_ieee(x[i], m, sub_magic, min_normal, maxv);
+}
