@@ -84,13 +84,20 @@ def _edges_data(formats: tuple[FloatFormat, ...], seed: int) -> torch.Tensor:
     return x[torch.randperm(x.numel(), generator=g)].contiguous()
 
 
-@pytest.mark.parametrize("specs", [("bf16", "fp16", "e5m2"), ("e4m3",), ("fp16", "e2m1", "e3m2"), ("e5m2", "bf16")])
+MANY = ("bf16", "fp16", "e5m2", "e4m3", "e3m2", "e2m3", "e2m1", "e6m9", "e8m3")
+
+
+@pytest.mark.parametrize("specs", [("bf16", "fp16", "e5m2"), ("e4m3",), ("fp16", "e2m1", "e3m2"), ("e5m2", "bf16"),
+                                   ("fp32",), MANY])
 def test_histogram_kernel_equals_the_tensor_path(specs: tuple[str, ...]) -> None:
     """The same rows (every count, the histogram, max and min) from the fused kernel and from the torch ops,
-    for one tensor, for assign over a row, and for pieces of several rows."""
+    for pieces of several rows; both forms of the kernel's edge test (a list of edges, and the lookup tables
+    past MAX_EDGES edges: the MANY formats)."""
     assert LIB is not None
     formats = tuple(FloatFormat.parse(s) for s in specs)
     tab = K._tables(formats)
+    if specs == MANY:
+        assert len(tab.edge_pairs) > N.MAX_EDGES  # the lookup-table form runs
     x = _edges_data(formats, seed=len(specs))
     n = x.numel()
     cuts = [0, 7, 7, 1000, n // 3, n // 2, n - 5, n]  # an empty piece too

@@ -29,7 +29,7 @@ from .monitor import GradientMonitor
 from .diagnose import Diagnosis, diagnose
 from .gradients import diagnose_gradients
 
-__version__ = "0.2.0"  # the one version source: pyproject.toml reads it (CHANGELOG.md)
+__version__ = "0.3.0"  # the one version source: pyproject.toml reads it (CHANGELOG.md)
 
 __all__ = [
     "__version__",

@@ -269,7 +269,8 @@ class GradientMonitor:
                            (>= 128K elements) is counted at once; small ones are kept (weights: a copy)
                            and counted in packed chunks (many small gradients in one pass)
         counting:          a histogram of integer keys of |g|'s bit pattern per row (on the device),
-                           raw; max|g| and min nonzero |g| as bit patterns
+                           raw; max|g| and min nonzero |g| as bit patterns (on the CPU, one fused C pass
+                           per element, built on first use: see lossscale.monitor._native)
         around optimizer.step():  swamped(f) = #(w changed and round_f(w_new) == round_f(w_old))
         monitor.step():    count the last small ones; turn the histograms into the step's table (zeros /
                            underflow / subnormal / overflow per format, histogram of ceil(log2|g|)), keep

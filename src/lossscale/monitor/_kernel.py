@@ -199,6 +199,8 @@ class _Tables:
                 luts[k][b] = bits
         self.luts = luts
         self.lut_cpu = torch.tensor(luts, dtype=torch.int32) if luts else torch.zeros(0, dtype=torch.int32)
+        # The same edges as (edge pattern, pattern of the top of its binade) pairs, for the fused kernel.
+        self.edge_pairs = [(e, b << 23) for lst in luts for b, e in enumerate(lst) if e != _SIGN_OFF]
 
         def pos(v: float) -> int:
             """Key position p with #(|x| <= v) = cum[p]."""
@@ -314,7 +316,8 @@ class _Raw:
         """Count CPU tensors (row, flat tensor) with the fused kernel (:mod:`._native`): one pass per element,
         no packing copy; bf16/fp16 convert exactly to FP32 first, fp64 is judged by its FP32 rounding."""
         ready = [(row, t if _native.usable(t) else t.detach().float().contiguous()) for row, t in pieces]
-        _native.hist(lib, ready, self.tab.lut_cpu, self.tab.k, self.tab.stride, self.counts, self.mx, self.mn)
+        tab = self.tab
+        _native.hist(lib, ready, tab.lut_cpu, tab.k, tab.edge_pairs, tab.stride, self.counts, self.mx, self.mn)
 
     def add_segments(
         self,

@@ -24,6 +24,7 @@ import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -99,7 +100,7 @@ def library() -> ctypes.CDLL | None:
                 raise OSError("no C compiler found (looked for $CC, cc, gcc, clang)")
             lib = ctypes.CDLL(str(_build(cc)))
             p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
-            lib.ls_hist.argtypes = [i64, p, p, p, p, i32, i64, p, p, p]
+            lib.ls_hist.argtypes = [i64, p, p, p, p, p, p, i32, i64, p, p, p, p]
             lib.ls_hist.restype = None
             lib.ls_swamp.argtypes = [i64, p, p, p, p, i32, p, p, p, p, p]
             lib.ls_swamp.restype = None
@@ -140,15 +141,31 @@ def _i64(values: Sequence[int]) -> ctypes.Array[ctypes.c_int64]:
 
 
 def hist(
-    lib: ctypes.CDLL, pieces: Sequence[tuple[int, torch.Tensor]], lut: torch.Tensor, k_tables: int, stride: int,
-    counts: torch.Tensor, mx: torch.Tensor, mn: torch.Tensor,
+    lib: ctypes.CDLL, pieces: Sequence[tuple[int, torch.Tensor]], lut: torch.Tensor, k_tables: int,
+    edge_pairs: Sequence[tuple[int, int]], stride: int, counts: torch.Tensor, mx: torch.Tensor, mn: torch.Tensor,
 ) -> None:
     """Add the pieces (row, contiguous FP32 CPU tensor) into the raw accumulators (all CPU, contiguous:
-    ``counts`` int64 ``[rows, stride]``, ``mx``/``mn`` int32 ``[rows]``, ``lut`` int32 ``[k_tables, 257]``)."""
+    ``counts`` int64 ``[rows, stride]``, ``mx``/``mn`` int32 ``[rows]``, ``lut`` int32 ``[k_tables, 257]``;
+    ``edge_pairs``: the same edges as (edge pattern, top pattern of its binade), see ``_kernel._Tables``)."""
     tensors = [t for _, t in pieces]
+    scratch = torch.empty(4 * stride, dtype=torch.int64)
+    edges, tops = edge_arrays(edge_pairs)
     lib.ls_hist(len(tensors), _ptrs(tensors), _i64([t.numel() for t in tensors]), _i64([r for r, _ in pieces]),
-                lut.data_ptr() if k_tables else None, k_tables, stride, counts.data_ptr(), mx.data_ptr(),
-                mn.data_ptr())
+                edges, tops, lut.data_ptr() if k_tables else None, k_tables, stride, counts.data_ptr(),
+                mx.data_ptr(), mn.data_ptr(), scratch.data_ptr())
+
+
+MAX_EDGES = 16  # as in _native.c
+_NO_EDGE = 0x7FFFFFFF
+
+
+def edge_arrays(edge_pairs: Sequence[tuple[int, int]]) -> tuple[Any, Any]:
+    """(edge, top of its binade) patterns as the kernel's padded arrays, or (None, None) when there are more
+    than MAX_EDGES (the kernel then reads the lookup tables)."""
+    if len(edge_pairs) > MAX_EDGES:
+        return None, None
+    pairs = list(edge_pairs) + [(_NO_EDGE, _NO_EDGE)] * (MAX_EDGES - len(edge_pairs))
+    return (ctypes.c_uint32 * MAX_EDGES)(*(e for e, _ in pairs)), (ctypes.c_uint32 * MAX_EDGES)(*(t for _, t in pairs))
 
 
 def native_formats(formats: Sequence[FloatFormat]) -> bool:
