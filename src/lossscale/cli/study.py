@@ -21,7 +21,7 @@ DEVICE_TYPES = ("cpu", "cuda")
 _EPILOG = """\
 examples:
   lossscale study --quick                          all six tasks, one seed, the quick configurations (< 10 min)
-  lossscale study                                  full mode: every configuration, 3 seeds (about 2 h on 2 cores)
+  lossscale study                                  full mode: every configuration, 3 seeds (~70 min on 2 cores)
   lossscale study --quick --tasks deep-mlp --configs fp16-mixed:none,fp16-mixed:dynamic
   lossscale study --out study-out --resume         continue an interrupted study
   lossscale study --sweep batch --out study-out    a sweep (seq-len, batch, label-noise), added to the study
