@@ -6,7 +6,6 @@
  * tensors. Both kernels give exactly the tensor path's counts (tests/test_monitor_native.py compares
  * them bit for bit), so which one runs changes only the speed.
  */
-#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -115,36 +114,17 @@ void ls_hist(int64_t n_pieces, const uint32_t *const *ptrs, const int64_t *lens,
     }
 }
 
-/* Round a finite or infinite FP32 value to nearest-even in an IEEE-style format with `m` stored mantissa
- * bits (m < 23), normal range from min_normal = 2^emin up to maxv, subnormals, overflow to infinity: the
- * arithmetic of torch's casts to bfloat16, float16 and float8_e5m2 and of lossscale.quantize for "ieee"
- * formats with subnormals. NaN is handled by the caller. sub_magic = 2^(emin - m + 23). */
-static inline float round_ieee(float x, int m, float sub_magic, float min_normal, float maxv)
-{
-    const float a = fabsf(x);
-    float r;
-    if (a < min_normal) {
-        /* The subnormal range, multiples of q = 2^(emin - m): with sub_magic = q * 2^23 (a normal FP32
-         * number), a + sub_magic lies in [sub_magic, 2 * sub_magic), where FP32's spacing is q, so the
-         * addition rounds a to a multiple of q, half to even (the default rounding mode), and the
-         * subtraction is exact. (Strict IEEE arithmetic: this file is never built with -ffast-math.) */
-        r = (a + sub_magic) - sub_magic;
-    } else {
-        uint32_t bits;
-        memcpy(&bits, &a, sizeof bits);
-        const int drop = 23 - m;
-        const uint32_t lsb = (bits >> drop) & 1u;
-        bits += ((1u << (drop - 1)) - 1u) + lsb;
-        bits &= ~((1u << drop) - 1u);
-        memcpy(&r, &bits, sizeof r);
-        if (r > maxv) r = INFINITY;
-    }
-    return copysignf(r, x);
-}
-
-/* Round the magnitude bit pattern a (finite or inf, a <= INF_BITS) as round_ieee does, branch-free (so that
- * the compiler can vectorise the loop below): both the subnormal-range and the normal-range results are
- * computed and one is selected. Returns the bit pattern of the rounded magnitude. */
+/* Round the magnitude bit pattern a (finite or inf, a <= INF_BITS) to nearest-even in an IEEE-style format
+ * with m = 23 - drop stored mantissa bits (m < 23), normal range from min_normal = 2^emin up to max,
+ * subnormals, overflow to infinity: the arithmetic of torch's casts to bfloat16, float16 and float8_e5m2 and
+ * of lossscale.quantize for "ieee" formats with subnormals. Returns the rounded magnitude's bit pattern.
+ *   normal range: add half an ulp minus one plus the lowest kept bit (ties to even), drop the low bits;
+ *     past max: infinity.
+ *   below min_normal, the subnormal range of multiples of q = 2^(emin - m): with sub_magic = q * 2^23 (a
+ *     normal FP32 number), a + sub_magic lies in [sub_magic, 2 * sub_magic), where FP32's spacing is q, so
+ *     the addition rounds a to a multiple of q, half to even (the default rounding mode), and the
+ *     subtraction is exact (strict IEEE arithmetic: this file is never built with -ffast-math).
+ * Branch-free, so that the loops calling it vectorise: both results are computed and one is selected. */
 static inline uint32_t round_mag_bits(uint32_t a, uint32_t drop, uint32_t min_normal_bits, uint32_t max_bits,
                                       float sub_magic)
 {
@@ -212,8 +192,16 @@ LS_CLONES void ls_swamp(int64_t n_pieces, const uint32_t *const *olds, const uin
     }
 }
 
-/* For the tests: round n values with one format's parameters (NaN stays NaN). */
-void ls_round_ieee(const float *x, float *y, int64_t n, int32_t m, float sub_magic, float min_normal, float maxv)
+/* For the tests: round n values with the swamping kernel's rounding (round_mag_bits, sign kept; NaN stays). */
+void ls_round_ieee(const uint32_t *x, uint32_t *y, int64_t n, int32_t m, float sub_magic, float min_normal, float maxv)
 {
-    for (int64_t i = 0; i < n; ++i) y[i] = isnan(x[i]) ? x[i] : round_ieee(x[i], m, sub_magic, min_normal, maxv);
+    uint32_t min_normal_bits, max_bits;
+    memcpy(&min_normal_bits, &min_normal, sizeof min_normal_bits);
+    memcpy(&max_bits, &maxv, sizeof max_bits);
+    for (int64_t i = 0; i < n; ++i) {
+        const uint32_t a = x[i] & SIGN_OFF;
+        y[i] = a > INF_BITS ? x[i]
+                            : (x[i] & ~SIGN_OFF) | round_mag_bits(a, 23u - (uint32_t)m, min_normal_bits, max_bits,
+                                                                  sub_magic);
+    }
 }

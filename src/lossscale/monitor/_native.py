@@ -205,7 +205,7 @@ def swamp(
 
 
 def round_ieee(lib: ctypes.CDLL, x: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
-    """The swamping kernel's rounding of ``x`` (contiguous FP32 CPU) to ``fmt``, for the tests."""
+    """The swamping kernel's rounding of ``x`` (contiguous FP32 CPU) to ``fmt`` (NaN kept), for the tests."""
     y = torch.empty_like(x)
     lib.ls_round_ieee(x.data_ptr(), y.data_ptr(), x.numel(), fmt.mantissa_bits, _sub_magic(fmt), fmt.min_normal,
                       fmt.max)
