@@ -729,6 +729,8 @@ def test_study_deep_mlp_layerwise_configuration() -> None:
     assert lw["final_loss"] < none["final_loss"]
     assert lw["scaler"]["kind"] == "layerwise" and len(lw["scaler"]["final_layer_scales"]) == 30
     assert lw["skipped_steps"] == 0 and lw["config"] == "fp16-mixed:layerwise"
+    # The loss scale S between layers is the diagnosed static scale (clamped to LayerwiseScaler's range), not 1.
+    assert lw["scaler"]["loss_scale"] == min(max(lw["scaler"]["chosen_scale"], 2.0**-20), 2.0**20) > 1.0
     from lossscale.study import schema
 
     schema.validate(lw, schema.RUN_SCHEMA)  # a full study once died here: "layerwise" was not in the enum

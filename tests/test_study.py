@@ -292,6 +292,28 @@ def test_resume_skips_completed_runs(tiny_study: str, monkeypatch: pytest.Monkey
     assert len(final["runs"]) == len(before["runs"]) + 2
 
 
+def test_resume_keeps_the_sweeps_of_the_folder(tiny_study: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sweep added to a study's folder survives resuming the study (a resume once rebuilt the document from
+    its runs alone and dropped every sweep)."""
+    path = os.path.join(tiny_study, "results.json")
+    doc = SC.load_results(path)
+    run = copy.deepcopy(doc["runs"][0])
+    run.update(sweep_value=16, overrides={"batch_size": 16})
+    doc["sweeps"] = {"batch": {"runs": [run], "override": "batch_size", "values": [16], "mode": "tiny"}}
+    SC.write_results(path, doc)
+
+    def boom(*a: Any, **k: Any) -> None:
+        raise AssertionError("a completed run was run again")
+
+    monkeypatch.setattr(RN, "run_one", boom)
+    assert _main([*TINY, "--out", tiny_study, "--resume"]) == 0
+    after = SC.load_results(path)
+    assert after["sweeps"] == doc["sweeps"] and after["runs"] == doc["runs"]
+    assert "Sweep `batch`" in open(os.path.join(tiny_study, "report.md"), encoding="utf-8").read()
+    del after["sweeps"]
+    SC.write_results(path, after)  # leave the module's fixture as it was
+
+
 def test_bad_configs_refused_with_valid_names(tmp_path: pytest.TempPathFactory) -> None:
     with pytest.raises(CLIError) as err:
         _main(["--tiny", "--configs", "fp32,fp16-mixed:kahan", "--out", str(tmp_path)])

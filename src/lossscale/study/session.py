@@ -144,6 +144,7 @@ def _run_locked(
 
     results_path = os.path.join(out, "results.json")
     done: list[dict[str, Any]] = []
+    sweeps: dict[str, Any] | None = None
     if os.path.exists(results_path):
         if not resume:
             raise StudyError(f"{results_path} exists: pass --resume to continue it, or choose another --out")
@@ -151,6 +152,7 @@ def _run_locked(
         if old["config"]["mode"] != mode:
             raise StudyError(f"{results_path} holds a {old['config']['mode']}-mode study; resume it with the same mode")
         done = list(old["runs"])
+        sweeps = old.get("sweeps")  # sweeps added to the folder are kept (a resume once dropped them)
 
     specs = RN.plan_runs(list(tasks), list(configs), list(seeds), mode=mode, device=device)
     wanted = {s.key for s in specs}
@@ -164,6 +166,8 @@ def _run_locked(
         seeds=sorted(set(seeds) | {int(r["seed"]) for r in extra}),
         device=device, workers=workers, command=command,
     )
+    if sweeps:
+        doc["sweeps"] = sweeps
     records: list[dict[str, Any]] = list(done)
 
     def save() -> None:
