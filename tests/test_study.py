@@ -430,3 +430,28 @@ def test_fp8_delayed_study_runs_keep_one_history_per_layer(monkeypatch: pytest.M
     model = build("deep-mlp", "tiny", seed=0).model
     n_linear = sum(1 for m in model.modules() if isinstance(m, torch.nn.Linear))
     assert n_linear > 2 and len(inputs) == n_linear, sorted(state.delayed)[:6]
+
+
+def test_static_scale_when_no_scale_meets_the_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scaling needed but no interval recommended (gradients spanning more binades than E5M2): the largest
+    power of two leaving one binade of headroom under the format's max, not 1 (which the full study's `lm`
+    fp8-hybrid:layerwise runs once got, leaving 24% of E5M2 gradients underflowing); nothing needed: 1."""
+    import sys
+
+    D = sys.modules["lossscale.diagnose"]  # (the package attribute `lossscale.diagnose` is the function)
+
+    class Stub:
+        def __init__(self, needs: bool) -> None:
+            self.needs = needs
+
+        def to_dict(self) -> dict[str, Any]:
+            return {"max_abs": 3.0, "formats": {"e5m2": {"recommended_scale": None, "needs_scaling": self.needs,
+                                                         "underflow_fraction": 0.5}}}
+
+    monkeypatch.setattr(D, "diagnose", lambda *a, **k: Stub(True))
+    scale, info = RN.static_scale("deep-mlp", "tiny", 0, "e5m2", "cpu")
+    assert scale == 2.0**13 and info["fallback"]  # 57344 / 3 = 2^14.2: 2^14 fits, one binade of headroom: 2^13
+    assert 3.0 * scale * 2 <= 57344.0 < 3.0 * scale * 4
+    monkeypatch.setattr(D, "diagnose", lambda *a, **k: Stub(False))
+    scale, info = RN.static_scale("deep-mlp", "tiny", 0, "e5m2", "cpu")
+    assert scale == 1.0 and "fallback" not in info

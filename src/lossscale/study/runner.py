@@ -204,7 +204,8 @@ def static_scale(
     """The constant scale of a ``static`` run: from :func:`lossscale.diagnose` on the run's own initial
     model and first batches (a fresh copy; the run itself is untouched), the power of two at the geometric
     middle of the recommended interval (margin both ways: gradients shrink or grow as training goes on).
-    Without a recommendation (nothing needs scaling, or no scale works): 1.0. Syncs (reads the diagnosis)."""
+    When nothing needs scaling: 1.0. When scaling is needed but no scale meets the threshold: the largest power
+    of two leaving one binade of headroom below the format's maximum. Syncs (reads the diagnosis)."""
     from ..diagnose import diagnose
 
     inst = build(task, mode, seed=seed, device=device, overrides=overrides)
@@ -212,9 +213,19 @@ def static_scale(
     diag = diagnose(copy.deepcopy(inst.model), inst.loss_fn, batches, formats=(fmt,), steps=4).to_dict()
     info = diag["formats"][fmt]
     rec = info.get("recommended_scale")
+    fallback = None
     if rec:
         lo, hi = math.log2(float(rec["min"])), math.log2(float(rec["max"]))
         scale = 2.0 ** math.floor((lo + hi) / 2.0)
+    elif info.get("needs_scaling") and diag.get("max_abs") and math.isfinite(float(diag["max_abs"])):
+        # Scaling is needed but no scale keeps the underflow within the threshold without overflow (the
+        # gradients span more binades than the format): the largest power of two that leaves the largest
+        # gradient one binade below the format's maximum, so that as little as possible underflows.
+        from ..formats import FloatFormat
+
+        top = FloatFormat.parse(fmt).max / float(diag["max_abs"])
+        scale = 2.0 ** (math.floor(math.log2(top)) - 1)
+        fallback = "largest scale with one binade of headroom (no scale meets the underflow threshold)"
     else:
         scale = 1.0
     return scale, {
@@ -223,6 +234,7 @@ def static_scale(
         "needs_scaling": info.get("needs_scaling"),
         "recommended_scale": rec,
         "chosen_scale": scale,
+        **({"fallback": fallback} if fallback else {}),
     }
 
 
