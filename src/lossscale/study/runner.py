@@ -224,7 +224,7 @@ def static_scale(
         from ..formats import FloatFormat
 
         top = FloatFormat.parse(fmt).max / float(diag["max_abs"])
-        scale = 2.0 ** (math.floor(math.log2(top)) - 1)
+        scale = 2.0 ** min(math.floor(math.log2(top)) - 1, 126)  # (a scale must be a normal FP32 number)
         fallback = "largest scale with one binade of headroom (no scale meets the underflow threshold)"
     else:
         scale = 1.0
