@@ -7,6 +7,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -98,6 +99,30 @@ def reset_accelerate_state() -> None:
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+
+
+@pytest.fixture
+def fresh_accelerate_state() -> Any:
+    """accelerate's process-wide state reset around a test (use with ``pytest.mark.usefixtures``)."""
+    reset_accelerate_state()
+    yield
+    reset_accelerate_state()
+
+
+# The tiny GPT-2 of the accelerate and transformers tests: vocabulary, context and batch.
+VOCAB, SEQ, BATCH = 64, 16, 4
+
+
+def tiny_gpt2(seed: int = 0, dropout: float = 0.0) -> torch.nn.Module:
+    """A 2-layer GPT-2 (width 32) from a config, random weights seeded by ``seed``."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=SEQ,
+        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+    )
+    return transformers.GPT2LMHeadModel(cfg)
 
 
 def doc_example(section: str) -> str:

@@ -20,27 +20,17 @@ from .integration_utils import (  # noqa: E402
     doc_example,
     gradscaler_trajectory,
     params_equal,
-    reset_accelerate_state,
+    fresh_accelerate_state,
     unscaled_norm,
 )
+from .integration_utils import BATCH, SEQ, VOCAB  # noqa: E402
+from .integration_utils import tiny_gpt2 as _tiny_gpt2  # noqa: E402
 
-VOCAB, SEQ, BATCH = 64, 16, 4
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    reset_accelerate_state()
-    yield
-    reset_accelerate_state()
+pytestmark = pytest.mark.usefixtures(fresh_accelerate_state.__name__)
 
 
 def tiny_gpt2(seed: int = 0, dropout: float = 0.1) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(
-        n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=SEQ,
-        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
-    )
-    return transformers.GPT2LMHeadModel(cfg)
+    return _tiny_gpt2(seed, dropout)  # the Trainer tests keep GPT-2's default dropout
 
 
 def dataset(n: int = 40, seed: int = 1) -> list[dict[str, torch.Tensor]]:
