@@ -333,12 +333,6 @@ class _Raw:
         if seg is None:
             self.add(x, 0)
             return
-        if pieces is not None and self.counts.device.type == "cpu" and x.device.type == "cpu":
-            lib = _native.library()
-            if lib is not None:
-                rows = pieces[1].tolist()  # a CPU tensor: no device sync
-                self.add_native(lib, list(zip(rows, torch.split(x, list(pieces[0])), strict=True)))
-                return
         tab = self.tab
         dev = x.device
         bits = _abs_bits(x)
